@@ -1,0 +1,718 @@
+"""The synthetic ground-truth domain ("sprites"), implemented exactly as ``design/synthetic.md``.
+
+Real subject-driven benchmarks need big pretrained models and proxy metrics; here every target image
+is known, so identity and prompt-following are measured exactly and a model can be trained from
+scratch on a CPU. Images are 64 x 64 RGB uint8 arrays (H, W, 3) throughout.
+
+Choices the spec leaves open (all documented where they are made):
+
+* ``Subject.colors`` holds one sprite-colour index per *silhouette* cell, in row-major order of the
+  X cells only (no entries for empty cells). ``Subject.color_grid()`` gives the 5 x 5 view with -1.
+* ``subject_from_id(i)`` draws from ``np.random.default_rng([SPEC_SEED, i])``: first the class
+  (``integers(4)`` over ``CLASS_NAMES``), then the colours (``integers(6, size=n_cells)``).
+* A distractor's box never intersects the subject's box (edges may touch); when the reference
+  context leaves no room for any distractor, the reference context is redrawn.
+* ``find_sprite`` calls a pixel "far" from the background when its max-channel absolute difference
+  exceeds ``FAR_THRESHOLD`` = 40 (the closest sprite/background pair, purple on gray, differs by 62).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from customshift.errors import PromptError
+
+# ----------------------------------------------------------------------------------------------
+# Constants of the spec
+# ----------------------------------------------------------------------------------------------
+
+CANVAS = 64
+GRID = 5
+SPEC_SEED = 0x5B12E5  # root of every seeded stream in this module ("sprites")
+N_EVAL_IDS = 10_000  # subject ids 0..9,999 are evaluation-only
+MAX_SUBJECT_ID = 2**31  # training ids are drawn from [N_EVAL_IDS, MAX_SUBJECT_ID)
+FAR_THRESHOLD = 40  # max-channel abs difference that makes a pixel "sprite" in find_sprite
+PSNR_CAP = 100.0  # score() caps per-sample PSNR here so identical images keep means finite
+
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+    "gray": (128, 128, 128),
+    "pink": (245, 175, 200),
+    "cyan": (110, 215, 225),
+    "brown": (115, 80, 50),
+}
+SPRITE_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 50, 50),
+    "green": (50, 170, 70),
+    "blue": (50, 90, 220),
+    "yellow": (235, 210, 50),
+    "orange": (240, 140, 40),
+    "purple": (140, 70, 190),
+}
+CLASSES: dict[str, tuple[str, ...]] = {
+    "robot": ("XXXXX", "XXXXX", "XXXXX", "XXXXX", "XXXXX"),
+    "creature": (".XXX.", "XXXXX", "XXXXX", "XXXXX", ".XXX."),
+    "vase": (".XXX.", "..X..", ".XXX.", "XXXXX", ".XXX."),
+    "tree": ("..X..", ".XXX.", ".XXX.", "XXXXX", "..X.."),
+}
+SIZES: dict[str, int] = {"small": 4, "large": 8}  # px per cell
+VERTICAL: dict[str, float] = {"top": 0.25, "middle": 0.5, "bottom": 0.75}
+HORIZONTAL: dict[str, float] = {"left": 0.25, "center": 0.5, "right": 0.75}
+
+BACKGROUND_NAMES: tuple[str, ...] = tuple(BACKGROUNDS)
+SPRITE_COLOR_NAMES: tuple[str, ...] = tuple(SPRITE_COLORS)
+CLASS_NAMES: tuple[str, ...] = tuple(CLASSES)
+SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
+VERTICAL_NAMES: tuple[str, ...] = tuple(VERTICAL)
+HORIZONTAL_NAMES: tuple[str, ...] = tuple(HORIZONTAL)
+TRACKS: tuple[str, ...] = ("clean", "distractor")
+LAYOUTS: tuple[str, ...] = ("random", "same_layout", "same_size")
+
+_BG_ARRAY = np.array(list(BACKGROUNDS.values()), dtype=np.int64)
+_SPRITE_ARRAY = np.array(list(SPRITE_COLORS.values()), dtype=np.int64)
+
+
+def _silhouette(rows: tuple[str, ...]) -> np.ndarray:
+    mask = np.array([[ch == "X" for ch in row] for row in rows], dtype=bool)
+    mask.setflags(write=False)
+    return mask
+
+
+SILHOUETTES: dict[str, np.ndarray] = {name: _silhouette(rows) for name, rows in CLASSES.items()}
+# (row, col) of each silhouette cell in row-major order: the order of Subject.colors.
+SILHOUETTE_CELLS: dict[str, tuple[tuple[int, int], ...]] = {
+    name: tuple((int(r), int(c)) for r, c in zip(*np.nonzero(mask), strict=True))
+    for name, mask in SILHOUETTES.items()
+}
+
+# ----------------------------------------------------------------------------------------------
+# Subjects
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A class and a colouring of its silhouette: one SPRITE_COLORS index per X cell (row-major)."""
+
+    cls: str
+    colors: tuple[int, ...]
+    subject_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cls not in CLASSES:
+            raise ValueError(f"unknown sprite class {self.cls!r}; expected one of {CLASS_NAMES}")
+        colors = tuple(int(c) for c in self.colors)
+        object.__setattr__(self, "colors", colors)
+        n = len(SILHOUETTE_CELLS[self.cls])
+        if len(colors) != n:
+            raise ValueError(f"a {self.cls} has {n} cells, got {len(colors)} colours")
+        if any(not 0 <= c < len(SPRITE_COLORS) for c in colors):
+            raise ValueError(f"colour indices must be in [0, {len(SPRITE_COLORS)}), got {colors}")
+
+    @property
+    def name(self) -> str:
+        """The subject name the spec uses in prompts and pairs: the class word."""
+        return self.cls
+
+    def color_grid(self) -> np.ndarray:
+        """5 x 5 int array of colour indices, -1 where the silhouette is empty."""
+        grid = np.full((GRID, GRID), -1, dtype=np.int64)
+        for (r, c), k in zip(SILHOUETTE_CELLS[self.cls], self.colors, strict=True):
+            grid[r, c] = k
+        return grid
+
+
+def subject_from_id(subject_id: int) -> Subject:
+    """The subject with this id: class then colours from ``default_rng([SPEC_SEED, id])``."""
+    subject_id = int(subject_id)
+    if not 0 <= subject_id < MAX_SUBJECT_ID:
+        raise ValueError(f"subject id must be in [0, {MAX_SUBJECT_ID}), got {subject_id}")
+    rng = np.random.default_rng([SPEC_SEED, subject_id])
+    cls = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
+    colors = rng.integers(len(SPRITE_COLORS), size=len(SILHOUETTE_CELLS[cls]))
+    return Subject(cls, tuple(int(c) for c in colors), subject_id)
+
+
+def is_eval_id(subject_id: int | None) -> bool:
+    """True for ids reserved to evaluation (0..9,999)."""
+    return subject_id is not None and 0 <= subject_id < N_EVAL_IDS
+
+
+def sample_training_subject(rng: np.random.Generator) -> Subject:
+    """A training subject: an id drawn uniformly from [10,000, 2**31), never an evaluation id."""
+    return subject_from_id(int(rng.integers(N_EVAL_IDS, MAX_SUBJECT_ID)))
+
+
+def random_subject(
+    rng: np.random.Generator, cls: str | None = None, exclude_cls: str | None = None
+) -> Subject:
+    """A fresh colouring without an id (used for distractors); class uniform unless given."""
+    if cls is None:
+        choices = [c for c in CLASS_NAMES if c != exclude_cls]
+        cls = choices[int(rng.integers(len(choices)))]
+    colors = rng.integers(len(SPRITE_COLORS), size=len(SILHOUETTE_CELLS[cls]))
+    return Subject(cls, tuple(int(c) for c in colors), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contexts and prompts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the prompt controls: sprite size, position and the background colour."""
+
+    size: str
+    vertical: str
+    horizontal: str
+    background: str
+
+    def __post_init__(self) -> None:
+        for value, allowed, what in (
+            (self.size, SIZE_NAMES, "size"),
+            (self.vertical, VERTICAL_NAMES, "vertical position"),
+            (self.horizontal, HORIZONTAL_NAMES, "horizontal position"),
+            (self.background, BACKGROUND_NAMES, "background"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
+
+    def prompt(self, cls: str) -> str:
+        """The spec's prompt: ``a {size} {class} on a {background} background, {vertical} {horizontal}``."""
+        if cls not in CLASSES:
+            raise ValueError(f"unknown sprite class {cls!r}; expected one of {CLASS_NAMES}")
+        return f"a {self.size} {cls} on a {self.background} background, {self.vertical} {self.horizontal}"
+
+    @property
+    def box(self) -> tuple[int, int, int]:
+        """``sprite_box(self)``."""
+        return sprite_box(self)
+
+
+def _pick(rng: np.random.Generator, names: Sequence[str], exclude: str | None = None) -> str:
+    choices = [n for n in names if n != exclude]
+    return choices[int(rng.integers(len(choices)))]
+
+
+def sample_context(rng: np.random.Generator) -> Context:
+    """A uniformly random context (size, vertical, horizontal, background drawn in that order)."""
+    return Context(
+        size=_pick(rng, SIZE_NAMES),
+        vertical=_pick(rng, VERTICAL_NAMES),
+        horizontal=_pick(rng, HORIZONTAL_NAMES),
+        background=_pick(rng, BACKGROUND_NAMES),
+    )
+
+
+def all_contexts() -> list[Context]:
+    """Every one of the 2 x 3 x 3 x 6 = 108 contexts, in a fixed order."""
+    return [
+        Context(s, v, h, b)
+        for s in SIZE_NAMES
+        for v in VERTICAL_NAMES
+        for h in HORIZONTAL_NAMES
+        for b in BACKGROUND_NAMES
+    ]
+
+
+def _alt(names: Sequence[str]) -> str:
+    return "|".join(re.escape(n) for n in names)
+
+
+_PROMPT_RE = re.compile(
+    rf"a ({_alt(SIZE_NAMES)}) ({_alt(CLASS_NAMES)}) on a ({_alt(BACKGROUND_NAMES)}) background, "
+    rf"({_alt(VERTICAL_NAMES)}) ({_alt(HORIZONTAL_NAMES)})"
+)
+PROMPT_GRAMMAR = "a {size} {class} on a {background} background, {vertical} {horizontal}"
+
+
+def parse_prompt(text: str) -> tuple[str, Context]:
+    """Inverse of ``Context.prompt``: returns (class, context); only surrounding whitespace is forgiven."""
+    match = _PROMPT_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise PromptError(f"not a sprite prompt: {text!r}; expected {PROMPT_GRAMMAR!r}")
+    size, cls, background, vertical, horizontal = match.groups()
+    return cls, Context(size, vertical, horizontal, background)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def _axis_start(p: float, side: int) -> int:
+    start = math.floor((p * CANVAS - side / 2) / 4) * 4
+    return min(max(start, 0), CANVAS - side)
+
+
+def sprite_box(context: Context) -> tuple[int, int, int]:
+    """(x0, y0, side): top-left ``p*64 - S/2`` rounded down to a multiple of 4, clamped to [0, 64-S]."""
+    side = GRID * SIZES[context.size]
+    return (
+        _axis_start(HORIZONTAL[context.horizontal], side),
+        _axis_start(VERTICAL[context.vertical], side),
+        side,
+    )
+
+
+def boxes_overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """True when two (x0, y0, side) boxes share a pixel (touching edges do not count)."""
+    ax, ay, aside = a
+    bx, by, bside = b
+    return ax < bx + bside and bx < ax + aside and ay < by + bside and by < ay + aside
+
+
+def _draw(img: np.ndarray, subject: Subject, context: Context) -> None:
+    x0, y0, _ = sprite_box(context)
+    cell = SIZES[context.size]
+    for (r, c), k in zip(SILHOUETTE_CELLS[subject.cls], subject.colors, strict=True):
+        y, x = y0 + r * cell, x0 + c * cell
+        img[y : y + cell, x : x + cell] = SPRITE_COLORS[SPRITE_COLOR_NAMES[k]]
+
+
+def render(
+    subject: Subject, context: Context, distractor: tuple[Subject, Context] | None = None
+) -> np.ndarray:
+    """The exact image: solid cells on the context's background; the distractor uses the same background."""
+    img = np.empty((CANVAS, CANVAS, 3), dtype=np.uint8)
+    img[:] = BACKGROUNDS[context.background]
+    _draw(img, subject, context)
+    if distractor is not None:
+        d_subject, d_context = distractor
+        if boxes_overlap(sprite_box(context), sprite_box(d_context)):
+            raise ValueError(
+                f"distractor box {sprite_box(d_context)} overlaps the subject box {sprite_box(context)}"
+            )
+        _draw(img, d_subject, d_context)
+    return img
+
+
+def distractor_contexts(context: Context) -> list[Context]:
+    """Every distractor context (same background) whose box does not overlap ``context``'s box."""
+    box = sprite_box(context)
+    return [
+        Context(s, v, h, context.background)
+        for s in SIZE_NAMES
+        for v in VERTICAL_NAMES
+        for h in HORIZONTAL_NAMES
+        if not boxes_overlap(box, sprite_box(Context(s, v, h, context.background)))
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Pair:
+    """One reference -> target example; ``prompt`` is the target's prompt, ``subject_name`` the class."""
+
+    reference: np.ndarray
+    target: np.ndarray
+    prompt: str
+    subject_name: str
+    subject: Subject
+    target_context: Context
+    reference_context: Context
+    distractor: Subject | None = None
+    distractor_context: Context | None = None
+    track: str = "clean"
+    layout: str = "random"
+
+
+def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {tuple(allowed)}")
+
+
+def _target_context(rng: np.random.Generator, reference: Context, layout: str) -> Context:
+    if layout == "random":
+        return sample_context(rng)
+    if layout == "same_layout":  # keep size and position, change the background
+        background = _pick(rng, BACKGROUND_NAMES, exclude=reference.background)
+        return Context(reference.size, reference.vertical, reference.horizontal, background)
+    # same_size: keep the size, move to another of the 8 other positions, any background
+    positions = [
+        (v, h)
+        for v in VERTICAL_NAMES
+        for h in HORIZONTAL_NAMES
+        if (v, h) != (reference.vertical, reference.horizontal)
+    ]
+    v, h = positions[int(rng.integers(len(positions)))]
+    return Context(reference.size, v, h, _pick(rng, BACKGROUND_NAMES))
+
+
+def sample_group(
+    rng: np.random.Generator,
+    n_targets: int,
+    track: str = "clean",
+    subject: Subject | None = None,
+    layout: str = "random",
+) -> list[Pair]:
+    """``n_targets`` pairs sharing one reference (same subject, reference image and distractor).
+
+    Draw order: subject (if not given), reference context, [distractor context, distractor subject],
+    then each target context. Layouts (findings.md "staged curriculum"): ``random`` = independent
+    target context; ``same_layout`` = reference's size and position, another background;
+    ``same_size`` = reference's size, another of the 8 other positions, any background.
+    """
+    _check_choice(track, TRACKS, "track")
+    _check_choice(layout, LAYOUTS, "layout")
+    if n_targets < 1:
+        raise ValueError(f"n_targets must be >= 1, got {n_targets}")
+    if subject is None:
+        subject = sample_training_subject(rng)
+    ref_ctx = sample_context(rng)
+    distractor: Subject | None = None
+    d_ctx: Context | None = None
+    if track == "distractor":
+        options = distractor_contexts(ref_ctx)
+        while not options:  # e.g. a middle-center subject leaves no room: redraw the reference context
+            ref_ctx = sample_context(rng)
+            options = distractor_contexts(ref_ctx)
+        d_ctx = options[int(rng.integers(len(options)))]
+        distractor = random_subject(rng, exclude_cls=subject.cls)
+    reference = render(subject, ref_ctx, None if distractor is None else (distractor, d_ctx))
+    reference.setflags(write=False)
+    pairs = []
+    for _ in range(n_targets):
+        tgt_ctx = _target_context(rng, ref_ctx, layout)
+        target = render(subject, tgt_ctx)
+        target.setflags(write=False)
+        pairs.append(
+            Pair(
+                reference=reference,
+                target=target,
+                prompt=tgt_ctx.prompt(subject.cls),
+                subject_name=subject.name,
+                subject=subject,
+                target_context=tgt_ctx,
+                reference_context=ref_ctx,
+                distractor=distractor,
+                distractor_context=d_ctx,
+                track=track,
+                layout=layout,
+            )
+        )
+    return pairs
+
+
+def sample_pair(
+    rng: np.random.Generator,
+    track: str = "clean",
+    subject: Subject | None = None,
+    layout: str = "random",
+) -> Pair:
+    """One pair; a training subject (id >= 10,000) is drawn when ``subject`` is None."""
+    return sample_group(rng, 1, track=track, subject=subject, layout=layout)[0]
+
+
+def _draw_weighted(rng: np.random.Generator, spec: str | Mapping[str, float]) -> str:
+    if isinstance(spec, str):
+        return spec
+    names = list(spec)
+    weights = np.array([float(spec[n]) for n in names])
+    if len(names) == 0 or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {dict(spec)}")
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
+@dataclass
+class PairStream:
+    """Endless training pairs (subject ids >= 10,000) from ``seed``.
+
+    ``track`` and ``layout`` are a name or a {name: weight} mapping drawn per reference; both are
+    plain attributes, so a trainer can change the curriculum stage mid-stream. ``targets_per_reference``
+    consecutive pairs share one reference (findings.md: several targets per reference pass).
+    """
+
+    seed: int = 0
+    track: str | Mapping[str, float] = "clean"
+    layout: str | Mapping[str, float] = "random"
+    targets_per_reference: int = 1
+    _rng: np.random.Generator = field(init=False, repr=False)
+    _pending: list[Pair] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Tag 1 separates the training stream from subject_from_id's [SPEC_SEED, id] streams.
+        self._rng = np.random.default_rng([SPEC_SEED, 1, int(self.seed)])
+
+    def __iter__(self) -> Iterator[Pair]:
+        return self
+
+    def __next__(self) -> Pair:
+        if not self._pending:
+            track = _draw_weighted(self._rng, self.track)
+            layout = _draw_weighted(self._rng, self.layout)
+            self._pending = sample_group(self._rng, self.targets_per_reference, track=track, layout=layout)
+        return self._pending.pop(0)
+
+    def take(self, n: int) -> list[Pair]:
+        """The next ``n`` pairs."""
+        return [next(self) for _ in range(n)]
+
+
+def evaluation_split(n: int = 64, track: str = "clean", seed: int = 0, layout: str = "random") -> list[Pair]:
+    """Deterministic held-out pairs over evaluation ids 0..9,999.
+
+    Subject ids are ``default_rng([SPEC_SEED, 2, seed]).permutation(10_000)[:n]`` (so a smaller ``n``
+    is a prefix of a larger one). Pair k then calls ``sample_pair`` with the subject of the k-th id and
+    ``default_rng([SPEC_SEED, 2, seed, k])``. The clean and distractor tracks therefore share
+    subjects; their contexts differ only where a distractor needs a redraw.
+    """
+    _check_choice(track, TRACKS, "track")
+    if not 0 < n <= N_EVAL_IDS:
+        raise ValueError(f"n must be in [1, {N_EVAL_IDS}], got {n}")
+    ids = np.random.default_rng([SPEC_SEED, 2, int(seed)]).permutation(N_EVAL_IDS)[:n]
+    return [
+        sample_pair(
+            np.random.default_rng([SPEC_SEED, 2, int(seed), k]),
+            track=track,
+            subject=subject_from_id(int(i)),
+            layout=layout,
+        )
+        for k, i in enumerate(ids)
+    ]
+
+
+def wrong_references(pairs: Sequence[Pair]) -> list[np.ndarray]:
+    """Reference k+1 for pair k (cyclic): the wrong-reference control findings.md asks for."""
+    if len(pairs) < 2:
+        raise ValueError("need at least two pairs to build wrong references")
+    return [pairs[(k + 1) % len(pairs)].reference for k in range(len(pairs))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact metrics
+# ----------------------------------------------------------------------------------------------
+
+Box = tuple[int, int, int, int]  # (x0, y0, width, height) of a found sprite
+
+
+def _as_image(img: np.ndarray | Image.Image) -> np.ndarray:
+    if isinstance(img, Image.Image):
+        img = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(
+            f"expected a uint8 (H, W, 3) image or a PIL image, got dtype {arr.dtype} shape {arr.shape}"
+        )
+    return arr
+
+
+def border_color(img: np.ndarray | Image.Image) -> np.ndarray:
+    """Per-channel median of the 1-px border ring: the image's own background colour."""
+    arr = _as_image(img).astype(np.int64)
+    ring = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
+    return np.median(ring, axis=0)
+
+
+def nearest_background(color: Sequence[float] | np.ndarray) -> str:
+    """Name of the background palette colour nearest (Euclidean RGB) to ``color``."""
+    d = ((_BG_ARRAY - np.asarray(color, dtype=np.float64)) ** 2).sum(axis=1)
+    return BACKGROUND_NAMES[int(np.argmin(d))]
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """4-connected labels of ``mask`` (-1 off-mask): min-label propagation with pointer jumping."""
+    h, w = mask.shape
+    big = h * w
+    flat_idx = np.arange(big).reshape(h, w)
+    lab = np.where(mask, flat_idx, big)
+    while True:
+        new = lab.copy()
+        np.minimum(new[1:], lab[:-1], out=new[1:])
+        np.minimum(new[:-1], lab[1:], out=new[:-1])
+        np.minimum(new[:, 1:], lab[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], lab[:, 1:], out=new[:, :-1])
+        new = np.where(mask, new, big)
+        # pointer jumping: a pixel's label is a pixel of the same component; adopt that pixel's label
+        ext = np.append(new.ravel(), big)
+        for _ in range(4):
+            ext[:-1] = ext[ext[:-1]]
+        new = ext[:-1].reshape(h, w)
+        if np.array_equal(new, lab):
+            return np.where(mask, lab, -1)
+        lab = new
+
+
+def find_sprite(img: np.ndarray | Image.Image) -> Box | None:
+    """(x0, y0, w, h) of the largest 4-connected region far (> FAR_THRESHOLD) from the border colour."""
+    arr = _as_image(img)
+    diff = np.abs(arr.astype(np.int64) - border_color(arr)).max(axis=2)
+    mask = diff > FAR_THRESHOLD
+    if not mask.any():
+        return None
+    labels = _components(mask)
+    ids, counts = np.unique(labels[mask], return_counts=True)
+    best = ids[int(np.argmax(counts))]  # ties: the region whose first pixel comes first
+    ys, xs = np.nonzero(labels == best)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1
+
+
+def read_cells(img: np.ndarray | Image.Image, box: Box | None = None) -> np.ndarray | None:
+    """5 x 5 sprite-colour indices at the box's cell centres (pixel at floor of each centre)."""
+    arr = _as_image(img)
+    if box is None:
+        box = find_sprite(arr)
+        if box is None:
+            return None
+    x0, y0, w, h = box
+    centres = (np.arange(GRID) + 0.5) / GRID
+    xs = np.clip(np.floor(x0 + centres * w).astype(int), 0, arr.shape[1] - 1)
+    ys = np.clip(np.floor(y0 + centres * h).astype(int), 0, arr.shape[0] - 1)
+    samples = arr[ys[:, None], xs[None, :]].astype(np.int64)  # (5, 5, 3)
+    d = ((samples[:, :, None, :] - _SPRITE_ARRAY[None, None]) ** 2).sum(axis=3)
+    return d.argmin(axis=2)
+
+
+def _identity_from_cells(cells: np.ndarray | None, subject: Subject) -> float:
+    if cells is None:
+        return 0.0
+    want = subject.color_grid()
+    mask = SILHOUETTES[subject.cls]
+    return float((cells[mask] == want[mask]).mean())
+
+
+def identity(generated: np.ndarray | Image.Image, subject: Subject) -> float:
+    """Fraction of the subject's silhouette cells whose snapped colour matches; 0 with no sprite."""
+    return _identity_from_cells(read_cells(generated), subject)
+
+
+def _third(centre: float, extent: int) -> int:
+    return min(int(centre * 3 // extent), 2)
+
+
+def _prompt_checks(arr: np.ndarray, box: Box | None, context: Context) -> dict[str, bool]:
+    background = nearest_background(border_color(arr)) == context.background
+    if box is None:
+        return {"background": background, "position": False, "size": False}
+    x0, y0, w, h = box
+    cx, cy = x0 + w / 2, y0 + h / 2
+    position = _third(cx, arr.shape[1]) == HORIZONTAL_NAMES.index(context.horizontal) and _third(
+        cy, arr.shape[0]
+    ) == VERTICAL_NAMES.index(context.vertical)
+    side = (w + h) / 2  # generated boxes need not be square
+    want = GRID * SIZES[context.size]
+    other = GRID * SIZES[next(s for s in SIZE_NAMES if s != context.size)]
+    size = abs(side - want) < abs(side - other)
+    return {"background": background, "position": bool(position), "size": bool(size)}
+
+
+def prompt_checks(generated: np.ndarray | Image.Image, context: Context) -> dict[str, bool]:
+    """The three checks of prompt accuracy.
+
+    background: the border colour snaps to the requested background; position: the box centre lies
+    in the requested third on both axes; size: the box side (mean of width and height) is strictly
+    nearer to the requested sprite side (20 or 40 px) than to the other.
+    """
+    arr = _as_image(generated)
+    return _prompt_checks(arr, find_sprite(arr), context)
+
+
+def prompt_accuracy(generated: np.ndarray | Image.Image, context: Context) -> float:
+    """Mean of the background, position and size checks."""
+    return float(np.mean(list(prompt_checks(generated, context).values())))
+
+
+def leaked(generated: np.ndarray | Image.Image, subject: Subject, distractor: Subject) -> bool:
+    """True when the found sprite matches the distractor's colouring strictly better than the subject's."""
+    cells = read_cells(generated)
+    return _identity_from_cells(cells, distractor) > _identity_from_cells(cells, subject)
+
+
+def psnr(a: np.ndarray | Image.Image, b: np.ndarray | Image.Image) -> float:
+    """PSNR in dB on the 0..255 scale; ``inf`` for identical images."""
+    x, y = _as_image(a).astype(np.float64), _as_image(b).astype(np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"PSNR needs equal shapes, got {x.shape} and {y.shape}")
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def score(generated_images: Sequence[np.ndarray | Image.Image], pairs: Sequence[Pair]) -> dict:
+    """Exact metrics of generated images against their pairs' targets.
+
+    Returns means ``identity``, ``prompt_accuracy``, ``background``, ``position``, ``size``,
+    ``found`` (share with a sprite), ``psnr`` (per-sample capped at PSNR_CAP), ``leakage`` (over
+    pairs with a distractor; None when there are none), ``n``, and ``per_sample``: the same keys
+    as lists (``leakage`` holds None for pairs without a distractor).
+    """
+    if len(generated_images) != len(pairs):
+        raise ValueError(f"{len(generated_images)} images for {len(pairs)} pairs")
+    if not pairs:
+        raise ValueError("score needs at least one pair")
+    keys = ("identity", "prompt_accuracy", "background", "position", "size", "found", "psnr")
+    per: dict[str, list] = {k: [] for k in keys}
+    per["leakage"] = []
+    for img, pair in zip(generated_images, pairs, strict=True):
+        arr = _as_image(img)
+        box = find_sprite(arr)
+        cells = read_cells(arr, box) if box is not None else None
+        checks = _prompt_checks(arr, box, pair.target_context)
+        per["identity"].append(_identity_from_cells(cells, pair.subject))
+        per["prompt_accuracy"].append(float(np.mean(list(checks.values()))))
+        for k, v in checks.items():
+            per[k].append(float(v))
+        per["found"].append(float(box is not None))
+        per["psnr"].append(min(psnr(arr, pair.target), PSNR_CAP))
+        if pair.distractor is None:
+            per["leakage"].append(None)
+        else:
+            leak = _identity_from_cells(cells, pair.distractor) > _identity_from_cells(cells, pair.subject)
+            per["leakage"].append(float(leak))
+    out: dict = {k: float(np.mean(per[k])) for k in keys}
+    leaks = [v for v in per["leakage"] if v is not None]
+    out["leakage"] = float(np.mean(leaks)) if leaks else None
+    out["n"] = len(pairs)
+    out["per_sample"] = per
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Visualisation
+# ----------------------------------------------------------------------------------------------
+
+
+def make_grid(
+    rows: Sequence[Sequence[np.ndarray | Image.Image]],
+    labels: Sequence[str] | None = None,
+    scale: int = 2,
+    pad: int = 2,
+) -> Image.Image:
+    """Images in a grid (e.g. reference | generated | target per row), upscaled by nearest neighbour.
+
+    ``labels`` are column titles drawn in a header strip. Short rows are padded with blank cells.
+    """
+    if not rows or not any(len(r) for r in rows):
+        raise ValueError("make_grid needs at least one image")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    imgs = [[_as_image(im) for im in row] for row in rows]
+    cell_h = max(im.shape[0] for row in imgs for im in row) * scale
+    cell_w = max(im.shape[1] for row in imgs for im in row) * scale
+    n_cols = max(max(len(row) for row in imgs), len(labels) if labels else 0)
+    header = 14 if labels else 0
+    width = n_cols * cell_w + (n_cols + 1) * pad
+    height = header + len(imgs) * cell_h + (len(imgs) + 1) * pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    if labels:
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default()
+        for j, text in enumerate(labels):
+            draw.text((pad + j * (cell_w + pad) + 2, 1), str(text), fill=(0, 0, 0), font=font)
+    for i, row in enumerate(imgs):
+        for j, im in enumerate(row):
+            tile = Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (cell_w + pad), header + pad + i * (cell_h + pad)))
+    return canvas
