@@ -1,0 +1,93 @@
+"""`CustomShiftConfig`: every choice of the method that is fixed at training time.
+
+Inference-time knobs (shift scale, guidance scales, steps) are arguments of the pipeline instead.
+The config is saved beside trained weights so that loading them rebuilds the same adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Attention projections that receive the Reference-Alignment Branch's LoRA: image-side q/k/v/out and
+# the text-side (context) projections, as in method.md section 1.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
+
+
+@dataclass
+class CustomShiftConfig:
+    """Training-time configuration of the CustomShift adapter.
+
+    Attributes:
+        lora_rank: rank of the Reference-Alignment Branch LoRA (0 = no LoRA, training-free branch).
+        lora_alpha: LoRA alpha (scale = alpha / rank).
+        lora_targets: module-name suffixes inside each transformer block that get the LoRA.
+        lora_feedforward: also adapt the blocks' feed-forward layers (an ablation of method.md).
+        generation_lora_rank: optional LoRA on the generation branch (0 = none).
+        reference_positions: "same" gives reference tokens the target's centred sin-cos grid;
+            "offset" takes them from the table's corner so they never coincide with target positions.
+        subject_tokens_in_reference: run the subject-name tokens with the reference (ablation: False).
+        conditional_shift: make the shift depend on subject relevance m_i (ablation: False).
+        learn_shift: train beta_l and gamma_l (ablation: False keeps them at their initial values).
+        beta_init / gamma_init: initial per-layer shift parameters.
+        text_queries_attend_reference: let text queries see the reference keys too (default: no).
+        cads_form: "split" (two attention calls joined by log-sum-exp) or "mask" (one call, additive mask).
+    """
+
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_feedforward: bool = False
+    generation_lora_rank: int = 0
+    reference_positions: Literal["same", "offset"] = "same"
+    subject_tokens_in_reference: bool = True
+    conditional_shift: bool = True
+    learn_shift: bool = True
+    beta_init: float = 0.0
+    gamma_init: float = 1.0
+    text_queries_attend_reference: bool = False
+    cads_form: Literal["split", "mask"] = "split"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
+        if self.reference_positions not in ("same", "offset"):
+            raise ValueError(f"reference_positions must be 'same' or 'offset', not {self.reference_positions!r}")
+        if self.cads_form not in ("split", "mask"):
+            raise ValueError(f"cads_form must be 'split' or 'mask', not {self.cads_form!r}")
+        if self.lora_rank < 0 or self.generation_lora_rank < 0:
+            raise ValueError("LoRA ranks must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CustomShiftConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CustomShiftConfig fields {unknown}; is this file from a newer version?")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> CustomShiftConfig:
+        return dataclasses.replace(self, **changes)
