@@ -167,7 +167,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
     # ------------------------------------------------------------------------------------------------------
     # Subjects
 
-    def _subject_tokens(self, subject: str) -> tuple[Tensor, Tensor]:
+    def subject_tokens(self, subject: str) -> tuple[Tensor, Tensor]:
         """The subject phrase's text tokens, unpadded: (1, S, D) embeddings and (1, P) pooled."""
         embeds, _, pooled, _ = self.encode_prompt(
             prompt=subject, prompt_2=subject, prompt_3=subject, do_classifier_free_guidance=False,
@@ -220,7 +220,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         self._check_size(height, width)
         latents = self.prepare_reference_latents(pil, height, width).to(self.transformer.dtype)
-        embeds, pooled = self._subject_tokens(subject)
+        embeds, pooled = self.subject_tokens(subject)
         inputs = {
             "reference_latents": latents,
             "subject_embeds": embeds.to(self.transformer.dtype).expand(len(pil), -1, -1),
@@ -286,16 +286,26 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
                 )
         return weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
 
-    def _cads_state(self, subject: SubjectEmbedding, log_scale: Tensor, weights: Tensor) -> CADSState:
+    def cads_state(
+        self,
+        keys: dict[str, Tensor],
+        values: dict[str, Tensor],
+        log_scale: Tensor,
+        subject_weights: Tensor,
+        trainable: bool = False,
+    ) -> CADSState:
+        """The per-forward CADS inputs; ``trainable=True`` keeps the graph to beta/gamma (training)."""
         config, shift = self.customshift_config, self.reference_branch.shift
         device, dtype = self.transformer.device, self.transformer.dtype
+        beta = shift.beta if trainable else shift.beta.detach()
+        gamma = shift.gamma if trainable else shift.gamma.detach()
         return CADSState(
-            keys={n: k.to(device, dtype) for n, k in subject.keys.items()},
-            values={n: v.to(device, dtype) for n, v in subject.values.items()},
-            beta={n: shift.beta[i].detach().to(device) for n, i in shift.index.items()},
-            gamma={n: shift.gamma[i].detach().to(device) for n, i in shift.index.items()},
+            keys={n: k.to(device, dtype) for n, k in keys.items()},
+            values={n: v.to(device, dtype) for n, v in values.items()},
+            beta={n: beta[i].to(device) for n, i in shift.index.items()},
+            gamma={n: gamma[i].to(device) for n, i in shift.index.items()},
             log_scale=log_scale.to(device),
-            subject_weights=weights.to(device),
+            subject_weights=subject_weights.to(device),
             conditional=config.conditional_shift,
             form=config.cads_form,
             text_queries_attend_reference=config.text_queries_attend_reference,
@@ -430,10 +440,10 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             for embeds, _, reference_on in passes:
                 weights.append(positive_weights if embeds is prompt_embeds else torch.zeros(per_pass, text_len))
                 log_scales.append(torch.full((per_pass,), math.log(shift_scale) if reference_on else -math.inf))
-            state = self._cads_state(subject, torch.cat(log_scales), torch.cat(weights))
+            state = self.cads_state(subject.keys, subject.values, torch.cat(log_scales), torch.cat(weights))
             kwargs["customshift"] = state
-            slg_kwargs["customshift"] = self._cads_state(
-                subject, torch.full((per_pass,), math.log(shift_scale)), positive_weights
+            slg_kwargs["customshift"] = self.cads_state(
+                subject.keys, subject.values, torch.full((per_pass,), math.log(shift_scale)), positive_weights
             )
 
         num_channels_latents = self.transformer.config.in_channels
