@@ -166,6 +166,9 @@ def _structural_copy(module: nn.Module) -> nn.Module:
     if not module._modules:
         return module
     clone = copy.copy(module)
+    for attribute, value in vars(module).items():
+        if "hooks" in attribute and isinstance(value, dict):
+            setattr(clone, attribute, type(value)(value))  # hooks added to the original later stay there
     clone._modules = {name: _structural_copy(child) if child is not None else None
                       for name, child in module._modules.items()}
     return clone
