@@ -1,0 +1,3 @@
+from customshift.cli import main
+
+main()

@@ -1,0 +1,199 @@
+"""The ``customshift`` command line: generate | encode | train | evaluate | demo | serve.
+
+Errors caused by what the user handed us print one line (``error: ...``) and exit with status 2, with
+no traceback; everything heavy is imported inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import CustomShiftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+evaluate_app = typer.Typer(no_args_is_help=True, help="Score a model on a benchmark.")
+app.add_typer(evaluate_app, name="evaluate")
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="SD3 pipeline folder or hub id (default: the packaged default model).")
+]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", help="Trained CustomShift weights folder or hub id.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cpu, ... (default: cuda when available).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.")]
+
+
+def user_errors(command):
+    """Turn the project's own errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CustomShiftError as error:
+            typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted; finished outputs are kept, rerun to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (images + JSON sidecars).")],
+    reference: Annotated[
+        list[str] | None, typer.Option("--reference", help="Reference image (repeatable), or a .safetensors subject embedding.")
+    ] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="The subject's name as the prompt says it.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt (repeatable).")] = None,
+    batch: Annotated[Path | None, typer.Option("--batch", help="JSONL manifest: id, reference, subject, prompt.")] = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seed: int = 0,
+    steps: int = 28,
+    shift_scale: float = 1.0,
+    guidance_scale: float = 7.0,
+    reference_guidance_scale: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    num_images: Annotated[int, typer.Option("--num-images", min=1)] = 1,
+    negative_prompt: str | None = None,
+    overwrite: Annotated[bool, typer.Option(help="Regenerate images that already exist in --out.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate images of a subject from reference image(s) and prompt(s), or a whole batch manifest."""
+    from .generate import GenerationParams, load_pipeline, read_manifest, run_jobs, single_jobs
+
+    if batch is not None:
+        if reference or subject or prompt:
+            raise CustomShiftError("--batch takes references, subjects and prompts from the manifest; drop the others")
+        jobs = read_manifest(batch, seed=seed)
+    else:
+        if not reference or not subject or not prompt:
+            raise CustomShiftError("give --reference, --subject and --prompt (or --batch manifest.jsonl)")
+        for ref in reference:
+            if not Path(ref).is_file():
+                raise CustomShiftError(f"reference not found: {ref}")
+        jobs = single_jobs([str(Path(r).resolve()) for r in reference], subject, prompt, seed, num_images)
+    params = GenerationParams(
+        steps=steps, guidance_scale=guidance_scale, reference_guidance_scale=reference_guidance_scale,
+        shift_scale=shift_scale, height=height, width=width, negative_prompt=negative_prompt,
+    )
+    pipe = load_pipeline(model, weights, device, dtype)
+    counts = run_jobs(pipe, jobs, out, params, overwrite=overwrite)
+    kept = f", kept {counts['kept']} existing (--overwrite regenerates them)" if counts["kept"] else ""
+    typer.echo(f"wrote {counts['generated']} image(s) to {out}{kept}")
+
+
+@app.command()
+@user_errors
+def encode(
+    reference: Annotated[list[str], typer.Option("--reference", help="Reference image (repeatable).")],
+    subject: Annotated[str, typer.Option("--subject")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the .safetensors subject embedding.")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    height: int | None = None,
+    width: int | None = None,
+    overwrite: bool = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Compute a subject embedding once and save it, to reuse with ``generate --reference emb.safetensors``."""
+    from .generate import load_pipeline
+    from .io import refuse_overwrite
+
+    refuse_overwrite(out, overwrite)
+    pipe = load_pipeline(model, weights, device, dtype)
+    pipe.encode_subject(reference, subject, height, width).save(out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@user_errors
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML/TOML training config.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in the output folder.")] = False,
+) -> None:
+    """Train CustomShift weights (or a small base model) with accelerate; resumable."""
+    from .training.trainer import train_main
+
+    train_main(str(config) if config else None, list(set_ or []), resume)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out subjects to show.")] = 8,
+    steps: int = 20,
+    seed: int = 0,
+    device: DeviceOpt = None,
+) -> None:
+    """Write a grid of held-out synthetic subjects: reference | generated | exact target."""
+    from .eval.synthetic_eval import demo_grid
+    from .generate import load_pipeline
+
+    pipe = load_pipeline(model, weights, device, "auto")
+    path = demo_grid(pipe, out, n=n, steps=steps, seed=seed)
+    typer.echo(f"wrote {path}")
+
+
+@evaluate_app.command("synthetic")
+@user_errors
+def evaluate_synthetic(
+    out: Annotated[Path, typer.Option("--out")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out pairs per track.")] = 64,
+    track: Annotated[list[str] | None, typer.Option("--track", help="clean and/or distractor.")] = None,
+    steps: int = 20,
+    guidance_scale: float = 1.0,
+    reference_guidance_scale: float = 0.0,
+    shift_scale: float = 1.0,
+    seed: int = 0,
+    device: DeviceOpt = None,
+) -> None:
+    """Score a model on held-out synthetic subjects with the exact metrics (JSON, markdown, grid)."""
+    from .eval.synthetic_eval import evaluate_synthetic as run
+    from .generate import load_pipeline
+
+    pipe = load_pipeline(model, weights, device, "auto")
+    summary = run(pipe, out, n=n, tracks=track or ["clean", "distractor"], steps=steps, guidance_scale=guidance_scale,
+                  reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, seed=seed)
+    typer.echo((out / "summary.md").read_text() if (out / "summary.md").exists() else str(summary))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    _register_optional_commands()
+    app(prog_name="customshift")
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules are owned elsewhere in the package register themselves here."""
+    from importlib import import_module
+
+    for module in ("customshift.eval.cli", "customshift.webui"):
+        try:
+            register = getattr(import_module(module), "register_cli", None)
+        except ImportError:
+            continue
+        if register is not None:
+            register(app, evaluate_app, user_errors)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Generation jobs for the CLI (single prompts and JSONL batches): loading, caching, writing, resuming.
+
+Every image is written atomically with a JSON sidecar holding everything needed to reproduce it; the
+sidecar is written last, so an image counts as done exactly when its sidecar exists. Existing outputs
+are never overwritten unless asked, which also makes an interrupted batch resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CustomShiftError, ManifestError
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class GenerationParams:
+    """Knobs shared by every image of a run."""
+
+    steps: int = 28
+    guidance_scale: float = 7.0
+    reference_guidance_scale: float = 0.0
+    shift_scale: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+
+
+@dataclass
+class Job:
+    """One image to make: ``out/<id>.png`` from references + subject + prompt with a seed."""
+
+    id: str
+    references: list[str]
+    subject: str
+    prompt: str
+    seed: int
+    source: str = ""  # where the job came from (manifest line), for error messages
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def single_jobs(references: Sequence[str], subject: str, prompts: Sequence[str], seed: int, num_images: int) -> list[Job]:
+    """Jobs of ``customshift generate --prompt ...``: image k of prompt i gets seed ``seed + k``."""
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        for k in range(num_images):
+            jobs.append(Job(f"{i:02d}-{slug(prompt)}-seed{seed + k}", list(references), subject, prompt, seed + k))
+    return jobs
+
+
+def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
+    """Jobs of a JSONL batch manifest; each line has ``id``, ``reference``, ``subject``, ``prompt``.
+
+    ``reference`` (a path or a list of paths) is relative to the manifest's folder; other fields are
+    ignored (an optional ``seed`` is honoured). Every problem is reported with its line number before
+    anything is generated.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"cannot read manifest {path}: {error}") from None
+    jobs, problems, seen = [], [], set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"{where}: not valid JSON ({error.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{where}: expected a JSON object")
+            continue
+        missing = [key for key in ("id", "reference", "subject", "prompt") if key not in row]
+        if missing:
+            problems.append(f"{where}: missing {', '.join(missing)}")
+            continue
+        job_id = str(row["id"])
+        if not _SAFE_ID.match(job_id):
+            problems.append(f"{where}: id {job_id!r} must be letters, digits, '.', '_' or '-' (it names a file)")
+            continue
+        if job_id in seen:
+            problems.append(f"{where}: duplicate id {job_id!r}")
+            continue
+        seen.add(job_id)
+        refs = row["reference"] if isinstance(row["reference"], list) else [row["reference"]]
+        if not refs or not all(isinstance(r, str) and r for r in refs):
+            problems.append(f"{where}: reference must be a path or a list of paths")
+            continue
+        if not all(isinstance(row[key], str) and row[key].strip() for key in ("subject", "prompt")):
+            problems.append(f"{where}: subject and prompt must be non-empty strings")
+            continue
+        resolved = [str((path.parent / r).resolve()) for r in refs]
+        absent = [r for r in resolved if not Path(r).is_file()]
+        if absent:
+            problems.append(f"{where}: reference not found: {absent[0]}")
+            continue
+        row_seed = row.get("seed", seed)
+        if not isinstance(row_seed, int):
+            problems.append(f"{where}: seed must be an integer")
+            continue
+        jobs.append(Job(job_id, resolved, row["subject"].strip(), row["prompt"], row_seed, source=where))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise ManifestError(f"manifest has {len(problems)} bad row(s): {shown}")
+    if not jobs:
+        raise ManifestError(f"manifest {path} has no rows")
+    return jobs
+
+
+def load_pipeline(model: str | None, weights: str | None, device: str | None = None, dtype: str = "auto"):
+    """The pipeline for ``--model`` (default: the packaged default model) with ``--weights`` loaded."""
+    from .default_model import default_model_path, default_weights_path
+    from .pipeline import CustomShiftPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32,
+                   "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    source = model or str(default_model_path())
+    try:
+        pipe = CustomShiftPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        raise CustomShiftError(
+            f"cannot load model {source!r}: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
+            "Pass a local SD3 pipeline folder, or a hub id on a machine that can reach the hub."
+        ) from None
+    weights = weights or (None if model else default_weights_path())
+    if weights:
+        pipe.load_customshift(weights)
+    pipe._customshift_source = {"model": source, "weights": str(weights) if weights else None}
+    return pipe.to(device)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_jobs(
+    pipe,
+    jobs: Iterable[Job],
+    out_dir: str | Path,
+    params: GenerationParams,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Make every job's image and sidecar; returns counts of generated and kept (already done) images.
+
+    The subject embedding is computed once per distinct (references, subject) and reused.
+    """
+    from tqdm.auto import tqdm
+
+    from . import __version__
+    from .io import atomic_save_image, atomic_write_json
+    from .reference import SubjectEmbedding
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = list(jobs)
+    todo = [j for j in jobs if overwrite or not (out_dir / f"{j.id}.json").is_file()]
+    subjects: dict[tuple[tuple[str, ...], str], Any] = {}
+    pipe.set_progress_bar_config(leave=False, position=1, disable=not progress)
+    source = getattr(pipe, "_customshift_source", {})
+    bar = tqdm(todo, desc="images", unit="img", disable=not progress)
+    for job in bar:
+        key = (tuple(job.references), job.subject)
+        if key not in subjects:
+            if len(job.references) == 1 and job.references[0].endswith(".safetensors"):
+                subjects[key] = SubjectEmbedding.load(job.references[0]).to(pipe.device)
+            else:
+                subjects[key] = pipe.encode_subject(job.references, job.subject, params.height, params.width)
+        image = pipe(
+            prompt=job.prompt,
+            subject=subjects[key],
+            negative_prompt=params.negative_prompt,
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            reference_guidance_scale=params.reference_guidance_scale,
+            shift_scale=params.shift_scale,
+            height=params.height,
+            width=params.width,
+            generator=torch.Generator("cpu").manual_seed(job.seed),
+        ).images[0]
+        atomic_save_image(image, out_dir / f"{job.id}.png")
+        sidecar = {
+            "id": job.id,
+            "prompt": job.prompt,
+            "subject": job.subject,
+            "references": [{"path": r, "sha256": _sha256(r)} for r in job.references],
+            "seed": job.seed,
+            **asdict(params),
+            "height": image.height,
+            "width": image.width,
+            "model": source.get("model"),
+            "weights": source.get("weights"),
+            "base_fingerprint": pipe.base_fingerprint,
+            "weights_fingerprint": pipe.weights_fingerprint,
+            "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+            "device": str(pipe.device),
+            "versions": _versions(__version__),
+            "command": _reproduce_command(job, params, source),
+        }
+        atomic_write_json(out_dir / f"{job.id}.json", sidecar)
+    return {"generated": len(todo), "kept": len(jobs) - len(todo)}
+
+
+def _versions(customshift_version: str) -> dict[str, str]:
+    import diffusers
+
+    return {"customshift": customshift_version, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def _reproduce_command(job: Job, params: GenerationParams, source: dict[str, Any]) -> str:
+    parts = ["customshift", "generate"]
+    if source.get("model"):
+        parts += ["--model", source["model"]]
+    if source.get("weights"):
+        parts += ["--weights", source["weights"]]
+    for ref in job.references:
+        parts += ["--reference", ref]
+    parts += ["--subject", job.subject, "--prompt", job.prompt, "--seed", str(job.seed), "--steps", str(params.steps),
+              "--guidance-scale", str(params.guidance_scale), "--shift-scale", str(params.shift_scale),
+              "--reference-guidance-scale", str(params.reference_guidance_scale)]
+    if params.height:
+        parts += ["--height", str(params.height)]
+    if params.width:
+        parts += ["--width", str(params.width)]
+    if params.negative_prompt:
+        parts += ["--negative-prompt", params.negative_prompt]
+    return shlex.join(parts + ["--out", "OUT"])
