@@ -50,11 +50,14 @@ def user_errors(command):
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Output folder (images + JSON sidecars).")],
     reference: Annotated[
-        list[str] | None, typer.Option("--reference", help="Reference image (repeatable), or a .safetensors subject embedding.")
+        list[str] | None,
+        typer.Option("--reference", help="Reference image (repeatable), or a .safetensors subject embedding."),
     ] = None,
     subject: Annotated[str | None, typer.Option("--subject", help="The subject's name as the prompt says it.")] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt (repeatable).")] = None,
-    batch: Annotated[Path | None, typer.Option("--batch", help="JSONL manifest: id, reference, subject, prompt.")] = None,
+    batch: Annotated[
+        Path | None, typer.Option("--batch", help="JSONL manifest: id, reference, subject, prompt.")
+    ] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     seed: int = 0,

@@ -53,7 +53,9 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def single_jobs(references: Sequence[str], subject: str, prompts: Sequence[str], seed: int, num_images: int) -> list[Job]:
+def single_jobs(
+    references: Sequence[str], subject: str, prompts: Sequence[str], seed: int, num_images: int
+) -> list[Job]:
     """Jobs of ``customshift generate --prompt ...``: image k of prompt i gets seed ``seed + k``."""
     jobs = []
     for i, prompt in enumerate(prompts):

@@ -119,8 +119,8 @@ def test_bad_input_is_one_clear_line_and_no_output(tiny_folder, tmp_path, case):
                             '{"id": "x/../../y", "reference": "ref.png", "subject": "dog", "prompt": "a dog"}\n')
         result = runner.invoke(app, ["generate", "--batch", str(manifest), "--model", tiny_folder, "--out", str(out)])
     else:
-        result = runner.invoke(app, [*map(str, base_args(tiny_folder, out)), "--reference", str(ref), "--subject", "dog",
-                                     "--prompt", prompt])
+        args = [*map(str, base_args(tiny_folder, out)), "--reference", str(ref), "--subject", "dog", "--prompt", prompt]
+        result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output
