@@ -75,7 +75,10 @@ def evaluate_synthetic(
 
 
 def summary_markdown(summary: dict[str, Any], tracks) -> str:
-    lines = ["| track | identity | identity (wrong ref.) | prompt accuracy | PSNR | leakage |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| track | identity | identity (wrong ref.) | prompt accuracy | PSNR | leakage |",
+        "|---|---|---|---|---|---|",
+    ]
     for track in tracks:
         s = summary[track]
         leakage = f"{s['leakage']:.3f}" if s.get("leakage") is not None else "-"
