@@ -178,6 +178,8 @@ def run_jobs(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp-*"):  # left by a run killed mid-write; never a finished output
+        stale.unlink(missing_ok=True)
     jobs = list(jobs)
     todo = [j for j in jobs if overwrite or not (out_dir / f"{j.id}.json").is_file()]
     subjects: dict[tuple[tuple[str, ...], str], Any] = {}
