@@ -27,7 +27,6 @@ from customshift.eval.harness import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_REFERENCE_GUIDANCE_SCALE,
     DEFAULT_SHIFT_SCALE,
-    DEFAULT_SIZE,
     DEFAULT_STEPS,
     BenchmarkSubject,
     GenerationSettings,
@@ -160,7 +159,7 @@ def load_customconcept101(data_dir: str | Path, dataset_json: str | Path | None 
 def run_customconcept101(
     data_dir: str | Path,
     out_dir: str | Path,
-    model: str,
+    model: str | None = None,
     weights: str | None = None,
     *,
     dataset_json: str | Path | None = None,
@@ -169,13 +168,13 @@ def run_customconcept101(
     subjects: str | Sequence[str] | None = None,
     prompts: int | None = None,
     steps: int = DEFAULT_STEPS,
-    height: int = DEFAULT_SIZE,
-    width: int = DEFAULT_SIZE,
+    height: int | None = None,
+    width: int | None = None,
     seed: int = 0,
     shift_scale: float = DEFAULT_SHIFT_SCALE,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     reference_guidance_scale: float = DEFAULT_REFERENCE_GUIDANCE_SCALE,
-    dtype: str | None = None,
+    dtype: str = "auto",
     dino_model: str = DEFAULT_DINO_MODEL,
     clip_model: str = DEFAULT_CLIP_MODEL,
     overwrite: bool = False,
@@ -197,8 +196,8 @@ def run_customconcept101(
     (2.5 x max(cos, 0)), the number the benchmark's own evaluate.py prints.
     """
     chosen = load_customconcept101(data_dir, dataset_json=dataset_json, subjects=subjects, prompts=prompts)
-    settings = GenerationSettings(model=str(model), weights=str(weights) if weights else None, steps=steps,
-                                  height=height, width=width, seed=seed, shift_scale=shift_scale,
+    settings = GenerationSettings(model=str(model) if model else None, weights=str(weights) if weights else None,
+                                  steps=steps, height=height, width=width, seed=seed, shift_scale=shift_scale,
                                   guidance_scale=guidance_scale,
                                   reference_guidance_scale=reference_guidance_scale, dtype=dtype)
     return run_benchmark(

@@ -22,7 +22,6 @@ from customshift.eval.harness import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_REFERENCE_GUIDANCE_SCALE,
     DEFAULT_SHIFT_SCALE,
-    DEFAULT_SIZE,
     DEFAULT_STEPS,
     BenchmarkSubject,
     GenerationSettings,
@@ -151,7 +150,7 @@ def load_dreambench(data_dir: str | Path, subjects: str | Sequence[str] | None =
 def run_dreambench(
     data_dir: str | Path,
     out_dir: str | Path,
-    model: str,
+    model: str | None = None,
     weights: str | None = None,
     *,
     images_per_prompt: int = 4,
@@ -159,13 +158,13 @@ def run_dreambench(
     subjects: str | Sequence[str] | None = None,
     prompts: int | None = None,
     steps: int = DEFAULT_STEPS,
-    height: int = DEFAULT_SIZE,
-    width: int = DEFAULT_SIZE,
+    height: int | None = None,
+    width: int | None = None,
     seed: int = 0,
     shift_scale: float = DEFAULT_SHIFT_SCALE,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     reference_guidance_scale: float = DEFAULT_REFERENCE_GUIDANCE_SCALE,
-    dtype: str | None = None,
+    dtype: str = "auto",
     dino_model: str = DEFAULT_DINO_MODEL,
     clip_model: str = DEFAULT_CLIP_MODEL,
     overwrite: bool = False,
@@ -182,15 +181,16 @@ def run_dreambench(
 ) -> dict[str, Any] | None:
     """Run the DreamBench protocol: generate (resumable, sharded), score, report into ``out_dir``.
 
-    ``model`` is a diffusers folder or hub id of the base model (``tiny`` builds the tiny random
-    pipeline: smoke tests only); ``weights`` the CustomShift weights. Returns the summary dict on the
-    main process and None on the others. ``generator`` (an object with ``encode(images, name)`` and
-    ``generate(subject, prompt, seed)``) or ``pipeline`` (a built CustomShiftPipeline) replace loading
-    ``model``; ``process_index``/``num_processes`` override accelerate's (tests).
+    ``model`` is a diffusers folder or hub id of the base model (None: the packaged default model, as
+    ``customshift generate``; ``tiny``: the tiny random pipeline, smoke tests only); ``weights`` the
+    CustomShift weights; ``dtype`` auto|fp32|fp16|bf16; ``height``/``width`` None: the model's default.
+    Returns the summary dict on the main process and None on the others. ``generator`` (an object with
+    ``encode(images, name)`` and ``generate(subject, prompt, seed)``) or ``pipeline`` (a built
+    CustomShiftPipeline) replace loading ``model``; ``process_index``/``num_processes`` override accelerate's (tests).
     """
     chosen = load_dreambench(data_dir, subjects=subjects, prompts=prompts)
-    settings = GenerationSettings(model=str(model), weights=str(weights) if weights else None, steps=steps,
-                                  height=height, width=width, seed=seed, shift_scale=shift_scale,
+    settings = GenerationSettings(model=str(model) if model else None, weights=str(weights) if weights else None,
+                                  steps=steps, height=height, width=width, seed=seed, shift_scale=shift_scale,
                                   guidance_scale=guidance_scale,
                                   reference_guidance_scale=reference_guidance_scale, dtype=dtype)
     return run_benchmark(

@@ -48,9 +48,8 @@ REFERENCE_POLICIES = ("first", "all", "random")
 IMAGE_SHAPING_KEYS = ("benchmark", "model", "weights", "steps", "height", "width", "guidance_scale",
                       "reference_guidance_scale", "shift_scale", "seed", "reference_policy", "dtype")
 
-# Generation defaults: SD3-medium's usual settings.
+# Generation defaults: those of `customshift generate` (SD3-medium's usual settings).
 DEFAULT_STEPS = 28
-DEFAULT_SIZE = 1024
 DEFAULT_GUIDANCE_SCALE = 7.0
 DEFAULT_REFERENCE_GUIDANCE_SCALE = 0.0
 DEFAULT_SHIFT_SCALE = 1.0
@@ -172,53 +171,53 @@ class SubjectGenerator(Protocol):
 
 @dataclass
 class GenerationSettings:
-    model: str
+    """The options of ``customshift generate`` that shape a benchmark's images."""
+
+    model: str | None = None  # None: the packaged default model (as in `customshift generate`)
     weights: str | None = None
     steps: int = DEFAULT_STEPS
-    height: int = DEFAULT_SIZE
-    width: int = DEFAULT_SIZE
+    height: int | None = None  # None: the model's default size (1024 for SD3-medium)
+    width: int | None = None
     seed: int = 0
     shift_scale: float = DEFAULT_SHIFT_SCALE
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     reference_guidance_scale: float = DEFAULT_REFERENCE_GUIDANCE_SCALE
-    dtype: str | None = None
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 - as `customshift generate`
 
 
-def _torch_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise CustomShiftError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
-    return table[name]
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 class PipelineGenerator:
-    """:class:`SubjectGenerator` over a :class:`customshift.pipeline.CustomShiftPipeline`."""
+    """:class:`SubjectGenerator` over a :class:`customshift.pipeline.CustomShiftPipeline`.
+
+    The pipeline is loaded like ``customshift generate`` loads it (``customshift.generate.load_pipeline``);
+    ``model="tiny"`` builds the tiny random SD3 pipeline instead (smoke tests).
+    """
 
     def __init__(self, settings: GenerationSettings, device: str | torch.device | None = None, pipeline: Any = None):
         self.settings = settings
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
+        if settings.dtype not in DTYPES:
+            raise CustomShiftError(f"unknown dtype {settings.dtype!r}: use one of {', '.join(DTYPES)}")
         if pipeline is None:
             pipeline = self._load()
         self.pipe = pipeline
 
     def _load(self) -> Any:
         s = self.settings
-        dtype = _torch_dtype(s.dtype, self.device)
         if s.model == TINY_MODEL and not Path(s.model).exists():
             from customshift.tiny import build_tiny_pipeline
 
             pipe = build_tiny_pipeline(variant="sd3", seed=0)
+            if s.weights:
+                pipe.load_customshift(s.weights)
+            pipe = pipe.to(self.device)
         else:
-            from customshift.pipeline import CustomShiftPipeline
+            from customshift.generate import load_pipeline
 
-            pipe = CustomShiftPipeline.from_pretrained(s.model, torch_dtype=dtype)
-        if s.weights:
-            pipe.load_customshift(s.weights)
-        pipe = pipe.to(self.device)
+            pipe = load_pipeline(s.model, s.weights, str(self.device), s.dtype)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)  # one bar for the run, not one per image
         return pipe

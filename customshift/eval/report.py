@@ -132,10 +132,12 @@ def render_markdown(summary: Mapping[str, Any], per_subject: Sequence[Mapping[st
     gen = summary.get("generation") or {}
     settings = [f"{len(per_subject)} subjects", f"{summary['counts']['images']} generated images"]
     if gen:
-        settings += [f"model `{gen.get('model')}`"]
+        settings += [f"model `{gen.get('model') or 'default'}`"]
         if gen.get("weights"):
             settings.append(f"weights `{gen['weights']}`")
-        settings += [f"{gen.get('steps')} steps", f"{gen.get('height')}x{gen.get('width')}",
+        size = (f"{gen['height']}x{gen['width']}" if gen.get("height") and gen.get("width")
+                else "the model's default size")
+        settings += [f"{gen.get('steps')} steps", size,
                      f"guidance {gen.get('guidance_scale')}", f"shift scale {gen.get('shift_scale')}",
                      f"reference policy `{gen.get('reference_policy')}`", f"seed {gen.get('seed')}"]
     mm = summary.get("metric_models", {})
