@@ -313,15 +313,18 @@ class Fake:
             pass
         return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
 
-summary = run_dreambench(sys.argv[1], sys.argv[3], model="fake", prompts=3, images_per_prompt=2, dino_model=sys.argv[4],
-                         clip_model=sys.argv[5], generator=Fake(), show_progress=False, grids=False)
+summary = run_dreambench(sys.argv[1], sys.argv[3], model="fake", prompts=3, images_per_prompt=2, generator=Fake(),
+                         show_progress=False, skip_metrics=True)
 assert (summary is not None) == (os.environ["RANK"] == "0"), summary
+if summary is not None:  # the main process returns after every process is done
+    assert summary["images"] == 18 and summary["generation"]["num_processes"] == 2, summary
+    assert len(os.listdir(sys.argv[2])) == 18
 """
 
 
 @pytest.mark.slow
-def test_two_processes_share_the_work_under_torchrun(data, tmp_path, metric_dirs):
-    """A real 2-process launch (gloo on CPU): each process makes half, the main one writes the report."""
+def test_two_processes_share_the_work_under_torchrun(data, tmp_path):
+    """A real 2-process launch (gloo on CPU): each process makes half; the main one goes on when all are done."""
     import shutil
     import subprocess
     import sys
@@ -335,10 +338,10 @@ def test_two_processes_share_the_work_under_torchrun(data, tmp_path, metric_dirs
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     torchrun = str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.run([torchrun if Path(torchrun).exists() else "torchrun", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(data), str(marks), str(out), *metric_dirs],
+                           str(script), str(data), str(marks), str(out)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = [p.name.split(".") for p in marks.iterdir()]
     assert len(done) == 3 * 3 * 2 and len({seed for seed, _ in done}) == len(done)  # each image made once
     assert sorted(rank for _, rank in done).count("0") == 9  # half each
-    assert json.loads((out / "summary.json").read_text())["counts"]["images"] == 18
+    assert len(list((out / "images").rglob("*.png"))) == 18 and (out / "run_config.json").is_file()

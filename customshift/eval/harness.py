@@ -36,9 +36,9 @@ from customshift.eval.metrics import (
     DEFAULT_DINO_MODEL,
     METRICS,
     MetricSuite,
-    load_image,
     score_embeddings,
 )
+from customshift.images import load_image
 
 logger = logging.getLogger(__name__)
 

@@ -64,23 +64,6 @@ METRIC_LABELS = {
 
 
 # --------------------------------------------------------------------------------------------- images
-try:  # the project's robust loader (EXIF orientation, size limits, clear errors)
-    from customshift.images import load_image
-except ImportError:  # pragma: no cover - only until customshift.images lands
-    from customshift.errors import ImageLoadError
-
-    def load_image(path: str | Path) -> Image.Image:  # type: ignore[misc]
-        """Fallback loader: open ``path`` as an RGB image or raise :class:`ImageLoadError`."""
-        from PIL import ImageOps
-
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise ImageLoadError(f"{path}: cannot read the image ({exc})") from exc
-
-
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side is ``size`` px, bicubic (``torchvision.Resize(size)`` on a PIL image)."""
     w, h = img.size

@@ -19,42 +19,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from customshift.errors import CustomShiftError
 from customshift.eval.metrics import METRIC_LABELS, METRICS
+from customshift.io import atomic_save_image, atomic_write_json, atomic_write_text
 
 PUBLISHED_RESULTS_PATH = Path(__file__).with_name("published_results.json")
-
-try:  # the project's atomic writers
-    from customshift.io import atomic_save_image, atomic_write_json, atomic_write_text
-except ImportError:  # pragma: no cover - only until customshift.io lands
-    import os
-    import tempfile
-
-    def atomic_write_text(path: str | Path, text: str) -> None:  # type: ignore[misc]
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def atomic_write_json(path: str | Path, obj: Any) -> None:  # type: ignore[misc]
-        atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-    def atomic_save_image(img: Image.Image, path: str | Path) -> None:  # type: ignore[misc]
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-        os.close(fd)
-        try:
-            img.save(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
 
 __all__ = [
     "atomic_save_image",
