@@ -154,6 +154,26 @@ def demo(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+@user_errors
+def serve(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless you add authentication.")] = (
+        "127.0.0.1"
+    ),
+    port: int = 7860,
+    device: DeviceOpt = None,
+    max_images_per_request: int = 4,
+    max_upload_mb: float = 10.0,
+) -> None:
+    """Start the web UI (Gradio) on the default model or the given checkpoint."""
+    from .webui import serve as run
+
+    run(model, weights, host, port, device=device, max_images_per_request=max_images_per_request,
+        max_upload_mb=max_upload_mb)
+
+
 @evaluate_app.command("synthetic")
 @user_errors
 def evaluate_synthetic(
@@ -181,22 +201,16 @@ def evaluate_synthetic(
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    _register_optional_commands()
     app(prog_name="customshift")
 
 
-def _register_optional_commands() -> None:
-    """Commands whose modules are owned elsewhere in the package register themselves here."""
-    from importlib import import_module
+def _register_benchmarks() -> None:
+    from .eval.cli import register_cli
 
-    for module in ("customshift.eval.cli", "customshift.webui"):
-        try:
-            register = getattr(import_module(module), "register_cli", None)
-        except ImportError:
-            continue
-        if register is not None:
-            register(app, evaluate_app, user_errors)
+    register_cli(app, evaluate_app, user_errors)
 
+
+_register_benchmarks()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
