@@ -34,7 +34,7 @@ from torch import Tensor
 from .attention import CADSState, install_processors
 from .config import CustomShiftConfig
 from .errors import IncompatibleWeightsError, PromptError
-from .reference import ReferenceBranch, SubjectEmbedding, base_fingerprint, tensors_fingerprint
+from .reference import ReferenceBranch, SubjectEmbedding, base_fingerprint, make_lora_config, tensors_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ WEIGHTS_FORMAT = "customshift-weights/1"
 WEIGHTS_NAME = "customshift.safetensors"
 MANIFEST_NAME = "customshift.json"
 TRAINING_FREE = "training-free"
+GENERATION_ADAPTER = "generation"
 
 
 def find_token_positions(token_ids: Sequence[int], pattern: Sequence[int]) -> list[int]:
@@ -105,7 +106,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
     @property
     def weights_fingerprint(self) -> str:
         if self._weights_fingerprint is None:
-            self._weights_fingerprint = tensors_fingerprint(self.reference_branch.trainable_state_dict())
+            self._weights_fingerprint = tensors_fingerprint(self.customshift_state_dict())
         return self._weights_fingerprint
 
     def customshift_weights_changed(self) -> None:
@@ -119,8 +120,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().contiguous().cpu() for k, v in
-                 self.reference_branch.trainable_state_dict().items()}
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.customshift_state_dict().items()}
         weights_path = folder / WEIGHTS_NAME
         atomic_save_safetensors(state, weights_path, metadata={"format": WEIGHTS_FORMAT})
         manifest = {
@@ -134,6 +134,22 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         }
         atomic_write_json(folder / MANIFEST_NAME, manifest)
         return folder
+
+    def customshift_state_dict(self) -> dict[str, Tensor]:
+        """Everything CustomShift adds: the branch's LoRA, the shift parameters, the generation LoRA if any."""
+        state = self.reference_branch.trainable_state_dict()
+        if self.customshift_config.generation_lora_rank > 0:
+            from peft.utils import get_peft_model_state_dict
+
+            lora = get_peft_model_state_dict(self.transformer, adapter_name=GENERATION_ADAPTER)
+            state.update({f"generation_lora.{k}": v for k, v in lora.items()})
+        return state
+
+    def add_generation_lora(self) -> None:
+        """Add the optional generation-branch LoRA of ``customshift_config`` (once)."""
+        if GENERATION_ADAPTER not in (getattr(self.transformer, "peft_config", None) or {}):
+            config = self.customshift_config
+            self.transformer.add_adapter(make_lora_config(config, config.generation_lora_rank), GENERATION_ADAPTER)
 
     def load_customshift(self, path_or_id: str | Path, *, check_base: bool = True, **hub_kwargs: Any) -> None:
         """Load trained CustomShift weights from a folder or a hub repository id.
@@ -159,10 +175,17 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         try:
             state = load_file(str(weights_path))
             branch.load_trainable_state_dict(state)
+            if config.generation_lora_rank > 0:
+                from peft.utils import set_peft_model_state_dict
+
+                self.add_generation_lora()
+                prefix = "generation_lora."
+                lora = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                set_peft_model_state_dict(self.transformer, lora, adapter_name=GENERATION_ADAPTER)
         except (KeyError, RuntimeError, ValueError) as error:
             raise IncompatibleWeightsError(f"{weights_path}: weights do not fit this model ({error})") from None
         branch.to(self.transformer.device)
-        self._weights_fingerprint = tensors_fingerprint(branch.trainable_state_dict())
+        self._weights_fingerprint = tensors_fingerprint(self.customshift_state_dict())
 
     # ------------------------------------------------------------------------------------------------------
     # Subjects

@@ -46,9 +46,10 @@ def base_fingerprint(transformer: nn.Module) -> str:
     hasher = hashlib.sha256()
     config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
     hasher.update(json.dumps(config, sort_keys=True, default=str).encode())
-    params = dict(transformer.named_parameters())
+    # Names as in the plain model: a LoRA loaded on top wraps layers (".base_layer") but is not the base.
+    params = {n.replace(".base_layer", ""): p for n, p in transformer.named_parameters() if "lora_" not in n}
     probes = ["pos_embed.proj.weight", "context_embedder.weight", "proj_out.weight"]
-    probes += [n for n in params if n.startswith("transformer_blocks.0.attn.to_q") and "lora" not in n][:1]
+    probes.append("transformer_blocks.0.attn.to_q.weight")
     for name in probes:
         if name in params:
             _sign_digest(hasher, name, params[name])
@@ -163,6 +164,9 @@ def _structural_copy(module: nn.Module) -> nn.Module:
     while containers — attention modules with their processors, blocks — are distinct, so an adapter
     injected into the copy never appears in the original.
     """
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+        # A LoRA of the generation branch (or a user's style LoRA) is not part of the reference branch.
+        return _structural_copy(module.get_base_layer())
     if not module._modules:
         return module
     clone = copy.copy(module)
@@ -172,6 +176,16 @@ def _structural_copy(module: nn.Module) -> nn.Module:
     clone._modules = {name: _structural_copy(child) if child is not None else None
                       for name, child in module._modules.items()}
     return clone
+
+
+def make_lora_config(config: CustomShiftConfig, rank: int):
+    """The peft LoRA config of either branch (the reference branch's, or the optional generation LoRA)."""
+    from peft import LoraConfig
+
+    targets = list(config.lora_targets)
+    if config.lora_feedforward:
+        targets += ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+    return LoraConfig(r=rank, lora_alpha=config.lora_alpha, target_modules=targets, init_lora_weights=True)
 
 
 def _corner_pos_embed(self, height: int, width: int) -> Tensor:
@@ -197,17 +211,9 @@ class ReferenceBranch(nn.Module):
             tree.pos_embed.cropped_pos_embed = types.MethodType(_corner_pos_embed, tree.pos_embed)
         names = install_processors(tree)
         if self.config.lora_rank > 0:
-            from peft import LoraConfig, inject_adapter_in_model
+            from peft import inject_adapter_in_model
 
-            targets = list(self.config.lora_targets)
-            if self.config.lora_feedforward:
-                targets += ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-            lora = LoraConfig(
-                r=self.config.lora_rank,
-                lora_alpha=self.config.lora_alpha,
-                target_modules=targets,
-                init_lora_weights=True,
-            )
+            lora = make_lora_config(self.config, self.config.lora_rank)
             inject_adapter_in_model(lora, tree, adapter_name=REFERENCE_ADAPTER)
         self.tree = tree
         self.shift = ShiftParameters(names, self.config.beta_init, self.config.gamma_init)

@@ -264,3 +264,23 @@ def test_branch_shares_base_weights_and_keeps_its_lora_private(tiny_pipe):
     assert tree["transformer_blocks.0.attn.to_q.base_layer.weight"] is base["transformer_blocks.0.attn.to_q.weight"]
     assert not any("lora" in n for n in base)
     assert isinstance(tiny_pipe, CustomShiftPipeline)
+
+
+def test_generation_lora_round_trips_and_base_fingerprint_ignores_loras(tiny_folder, tmp_path):
+    pipe = load_tiny(tiny_folder)
+    fingerprint = pipe.base_fingerprint
+    randomize_adapter(pipe, generation_lora_rank=2)
+    pipe.add_generation_lora()
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    pipe.customshift_weights_changed()
+    expected = generate(pipe, subject=pipe.encode_subject(random_image(0), "dog"))
+    pipe.save_customshift(tmp_path / "w")
+
+    fresh = load_tiny(tiny_folder)
+    fresh.load_customshift(tmp_path / "w")
+    assert fresh.base_fingerprint == fingerprint
+    assert not any("lora" in n for n in dict(fresh.reference_branch.tree.named_parameters()) if "generation" in n)
+    assert np.array_equal(generate(fresh, subject=fresh.encode_subject(random_image(0), "dog")), expected)

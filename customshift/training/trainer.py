@@ -227,25 +227,13 @@ def build_pipeline(config: TrainingConfig) -> Any:
             from None
 
 
-def _generation_lora_config(cs: Any) -> Any:
-    from peft import LoraConfig
-
-    targets = list(cs.lora_targets)
-    if cs.lora_feedforward:
-        targets += ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-    return LoraConfig(r=cs.generation_lora_rank, lora_alpha=cs.lora_alpha, target_modules=targets,
-                      init_lora_weights=True)
-
-
 def setup_model(pipe: Any, config: TrainingConfig) -> None:
     """Build the adapter(s) a run trains on ``pipe`` (seeded, so two runs start from the same weights)."""
     cs = config.customshift_config()
     torch.manual_seed(config.seed)
     pipe.set_customshift_config(cs)
-    _ = pipe.base_fingerprint  # computed on the plain model, before the generation LoRA renames weights
     if cs.generation_lora_rank > 0:
-        # Added after the branch is built, so the branch's structural copy never sees it.
-        pipe.transformer.add_adapter(_generation_lora_config(cs), adapter_name=GENERATION_ADAPTER)
+        pipe.add_generation_lora()
 
 
 # ----------------------------------------------------------------------------------------------------
