@@ -18,5 +18,5 @@ def test_vae_trains_calibrates_and_resumes(tmp_path):
     train_vae(tmp_path, minutes=5, max_steps=3, batch_size=2, calibration_samples=4)
     import torch
 
-    assert torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 3
     assert not list(tmp_path.glob("*.tmp"))

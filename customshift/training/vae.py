@@ -91,7 +91,7 @@ def train_vae(
     step = 0
     if (model_dir / "config.json").is_file() and state_path.is_file():
         vae = AutoencoderKL.from_pretrained(model_dir)
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         step = state["step"]
     else:
         vae, state = build_vae(), None
