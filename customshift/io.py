@@ -77,7 +77,7 @@ def _create_temp(final: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "could not find a free temporary name", str(final.parent))
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Persist the rename itself; best effort, since some filesystems (and Windows) cannot."""
     if not hasattr(os, "O_DIRECTORY"):
         return
@@ -134,7 +134,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         _remove_quietly(temp)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _copy_mode(final: Path, temp: Path) -> None:

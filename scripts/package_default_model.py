@@ -37,7 +37,8 @@ def package(run: Path, dest: Path) -> Path:
     state = json.loads((checkpoint / "state.json").read_text()) if (checkpoint / "state.json").exists() else {}
     log = run / "train_log.csv"
     atomic_write_json(tmp / "RECIPE.json", {
-        "recipe": "scripts/train_default_model.sh (stage 1: customshift.training.vae; stage 2: configs/default-model.yaml)",
+        "recipe": "scripts/train_default_model.sh "
+                  "(stage 1: customshift.training.vae; stage 2: configs/default-model.yaml)",
         "checkpoint": checkpoint.name,
         "step": state.get("step"),
         "train_log_tail": log.read_text().splitlines()[-1] if log.exists() else None,

@@ -42,7 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CustomShiftError
-from ..io import atomic_path, atomic_save_image, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from ..io import (
+    atomic_path,
+    atomic_save_image,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+)
 from .config import ConfigError, TrainingConfig, config_to_yaml, load_config, read_config_file
 from .data import GroupLoader, build_source, group_from_pairs
 
@@ -74,21 +81,6 @@ class CheckpointError(CustomShiftError, RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint folders
-
-
-def _fsync_dir(path: Path) -> None:
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -861,15 +853,15 @@ class Trainer:
             self._write_exports(temp)
             files = {str(p.relative_to(temp)): p.stat().st_size for p in sorted(temp.rglob("*")) if p.is_file()}
             for directory in sorted({p.parent for p in temp.rglob("*")} | {temp}, key=lambda p: -len(p.parts)):
-                _fsync_dir(directory)
+                fsync_dir(directory)
             atomic_write_json(temp / CHECKPOINT_INDEX, {"format": CHECKPOINT_FORMAT, "step": step, "files": files})
-            _fsync_dir(temp)
+            fsync_dir(temp)
             if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
                 trash = self.output_dir / f".trash-{final.name}-{os.getpid()}"
                 os.replace(final, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             os.replace(temp, final)
-            _fsync_dir(self.output_dir)
+            fsync_dir(self.output_dir)
             atomic_write_text(self.output_dir / LATEST, final.name + "\n")
             self._prune()
             logger.info("checkpoint %s (%s)", final, reason)
@@ -925,7 +917,7 @@ class Trainer:
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(temp, final)
-        _fsync_dir(self.output_dir)
+        fsync_dir(self.output_dir)
         acc.wait_for_everyone()
         return final
 
