@@ -7,7 +7,6 @@ are never overwritten unless asked, which also makes an interrupted batch resuma
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -126,35 +125,33 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
     return jobs
 
 
-def load_pipeline(model: str | None, weights: str | None, device: str | None = None, dtype: str = "auto"):
+def load_pipeline(model: str | None, weights: str | None, device: str | None = None, dtype: str | None = "auto"):
     """The pipeline for ``--model`` (default: the packaged default model) with ``--weights`` loaded."""
     from .default_model import default_model_path, default_weights_path
     from .pipeline import CustomShiftPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = {"auto": torch.float16 if device.startswith("cuda") else torch.float32,
-                   "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    dtypes = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype in (None, "auto"):
+        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    elif dtype in dtypes:
+        torch_dtype = dtypes[dtype]
+    else:
+        raise CustomShiftError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
     source = model or str(default_model_path())
     try:
         pipe = CustomShiftPipeline.from_pretrained(source, torch_dtype=torch_dtype)
     except (OSError, ValueError) as error:
         raise CustomShiftError(
-            f"cannot load model {source!r}: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
-            "Pass a local SD3 pipeline folder, or a hub id on a machine that can reach the hub."
+            f"cannot load the model {source!r}: {' '.join(str(error).split())[:300]}; pass a local SD3 "
+            "pipeline folder, or a hub id on a machine that can reach the hub (or has it cached)"
         ) from None
     weights = weights or (None if model else default_weights_path())
     if weights:
         pipe.load_customshift(weights)
     pipe._customshift_source = {"model": source, "weights": str(weights) if weights else None}
     return pipe.to(device)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_jobs(
@@ -173,7 +170,7 @@ def run_jobs(
     from tqdm.auto import tqdm
 
     from . import __version__
-    from .io import atomic_save_image, atomic_write_json
+    from .io import atomic_save_image, atomic_write_json, file_sha256
     from .reference import SubjectEmbedding
 
     out_dir = Path(out_dir)
@@ -210,7 +207,7 @@ def run_jobs(
             "id": job.id,
             "prompt": job.prompt,
             "subject": job.subject,
-            "references": [{"path": r, "sha256": _sha256(r)} for r in job.references],
+            "references": [{"path": r, "sha256": file_sha256(r)} for r in job.references],
             "seed": job.seed,
             **asdict(params),
             "height": image.height,

@@ -255,3 +255,14 @@ def atomic_save_safetensors(
             save_file(dict(tensors), temp, metadata=meta)
         except (SafetensorError, OSError) as exc:
             raise _write_error(final, exc) from exc
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, read in chunks (references in sidecars, weights in manifests)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

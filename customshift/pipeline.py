@@ -16,7 +16,6 @@ both passes (two passes per step, as plain SD3).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from torch import Tensor
 from .attention import CADSState, install_processors
 from .config import CustomShiftConfig
 from .errors import IncompatibleWeightsError, PromptError
+from .io import file_sha256
 from .reference import ReferenceBranch, SubjectEmbedding, base_fingerprint, make_lora_config, tensors_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             "base_model": getattr(self.config, "_name_or_path", None),
             "config": self.customshift_config.to_dict(),
             "weights": WEIGHTS_NAME,
-            "weights_sha256": _sha256(weights_path),
+            "weights_sha256": file_sha256(weights_path),
             "extra": extra or {},
         }
         atomic_write_json(folder / MANIFEST_NAME, manifest)
@@ -168,7 +168,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
                 f"base model recorded: {manifest.get('base_model')!r}). Load the matching base model."
             )
         weights_path = folder / manifest["weights"]
-        if _sha256(weights_path) != manifest["weights_sha256"]:
+        if file_sha256(weights_path) != manifest["weights_sha256"]:
             raise IncompatibleWeightsError(f"{weights_path}: checksum mismatch; the file is corrupt or was replaced")
         config = CustomShiftConfig.from_dict(manifest["config"])
         branch = self.set_customshift_config(config)
@@ -573,14 +573,6 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         for state in states:
             state.keys = {n: k.to(self.transformer.dtype) for n, k in keys.items()}
             state.values = {n: v.to(self.transformer.dtype) for n, v in values.items()}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resolve_weights_folder(path_or_id: str | Path, **hub_kwargs: Any) -> Path:

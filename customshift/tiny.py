@@ -90,6 +90,27 @@ def build_t5_tokenizer():
     )
 
 
+def build_vae(channels: tuple[int, ...], latent_channels: int, image_size: int):
+    """A small SD3-style `AutoencoderKL` (no quant convs), downsampling 2 ** (len(channels) - 1) times."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=max(1, min(channels) // 2),
+        sample_size=image_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def build_tiny_components(
     variant: Literal["sd3", "sd35"] = "sd3",
     seed: int = 0,
@@ -109,7 +130,7 @@ def build_tiny_components(
     """
     if variant not in ("sd3", "sd35"):
         raise ValueError(f"variant must be 'sd3' or 'sd35', not {variant!r}")
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_tokenizer = build_clip_tokenizer()
@@ -169,21 +190,7 @@ def build_tiny_components(
         qk_norm="rms_norm" if variant == "sd35" else None,
     )
     torch.manual_seed(seed + 5)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        block_out_channels=vae_channels,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(vae_channels),
-        sample_size=sample_size * 2 ** (len(vae_channels) - 1),
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = build_vae(vae_channels, latent_channels, sample_size * 2 ** (len(vae_channels) - 1))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return {
         "transformer": transformer,

@@ -795,7 +795,6 @@ def load_pipeline(
     ``model=None``: the default model (`customshift.default_model`) when installed, otherwise the
     tiny random model with `TINY_NOTICE`. ``weights``: trained CustomShift weights to load on top.
     """
-    import torch
 
     device = device or _default_device()
     notice = None
@@ -808,22 +807,9 @@ def load_pipeline(
 
             pipe, notice, name = build_tiny_pipeline("sd3"), TINY_NOTICE, "tiny-random-sd3"
     else:
-        from .pipeline import CustomShiftPipeline
+        from .generate import load_pipeline as load_model
 
-        if dtype is None:
-            dtype = "float16" if device == "cuda" else "float32"
-        try:
-            torch_dtype = getattr(torch, dtype)
-        except AttributeError:
-            raise CustomShiftError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
-        try:
-            pipe = CustomShiftPipeline.from_pretrained(model, torch_dtype=torch_dtype)
-        except (OSError, ValueError) as error:
-            raise CustomShiftError(
-                f"cannot load the model {model!r}: {' '.join(str(error).split())[:300]}; pass a local SD3 "
-                "checkpoint folder or a hub id that is in the local cache"
-            ) from None
-        name = str(model)
+        return load_model(model, weights, device, dtype), None, str(model)
     if weights:
         pipe.load_customshift(weights)
     pipe = pipe.to(device)

@@ -25,21 +25,9 @@ from ..io import atomic_path, atomic_write_json
 
 
 def build_vae(channels: tuple[int, ...] = (32, 32, 64), latent_channels: int = 4):
-    from diffusers import AutoencoderKL
+    from ..tiny import build_vae as build
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=channels,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(channels) // 2,
-        sample_size=synthetic.CANVAS,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return build(channels, latent_channels, synthetic.CANVAS)
 
 
 def sprite_batch(rng: np.random.Generator, size: int) -> torch.Tensor:
