@@ -47,6 +47,8 @@ class CustomShiftConfig:
         beta_init / gamma_init: initial per-layer shift parameters.
         text_queries_attend_reference: let text queries see the reference keys too (default: no).
         cads_form: "split" (two attention calls joined by log-sum-exp) or "mask" (one call, additive mask).
+        max_sequence_length: T5 tokens the model was trained with; the pipeline's default when the caller
+            gives none (None: SD3's 256).
     """
 
     lora_rank: int = 16
@@ -62,6 +64,7 @@ class CustomShiftConfig:
     gamma_init: float = 1.0
     text_queries_attend_reference: bool = False
     cads_form: Literal["split", "mask"] = "split"
+    max_sequence_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

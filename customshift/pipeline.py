@@ -369,7 +369,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_stop: float = 0.2,
@@ -392,6 +392,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             recompute_subject: run the Reference-Alignment Branch again at every step instead of using
                 the cached keys/values (same image, slower: for tests and cost comparisons).
         """
+        max_sequence_length = max_sequence_length or self.customshift_config.max_sequence_length or 256
         if shift_scale < 0 or not math.isfinite(shift_scale):
             raise PromptError(f"shift_scale must be a finite number >= 0, got {shift_scale}")
         if prompt_embeds is None:

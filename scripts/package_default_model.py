@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from customshift.io import atomic_write_json
 from customshift.training.trainer import find_checkpoint, load_pipeline_from_checkpoint
@@ -33,6 +34,9 @@ def package(run: Path, dest: Path) -> Path:
     pipe.vae.to(torch.float16)
     pipe.save_pretrained(tmp, safe_serialization=True)
     pipe.transformer.to(torch.float32)
+    pipe.customshift_config.cads_form = "split"  # trained with the (numerically equal) mask form
+    training = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    pipe.customshift_config.max_sequence_length = training["data"]["max_sequence_length"]
     pipe.save_customshift(tmp / "customshift", extra={"checkpoint": checkpoint.name})
     state = json.loads((checkpoint / "state.json").read_text()) if (checkpoint / "state.json").exists() else {}
     log = run / "train_log.csv"

@@ -285,3 +285,16 @@ def test_generation_lora_round_trips_and_base_fingerprint_ignores_loras(tiny_fol
     assert not any("generation" in n for n in dict(fresh.reference_branch.tree.named_parameters()))
     assert any("lora_A.generation" in n for n in dict(fresh.transformer.named_parameters()))
     assert np.array_equal(generate(fresh, subject=fresh.encode_subject(random_image(0), "dog")), expected)
+
+
+def test_sampling_uses_the_t5_length_the_weights_were_trained_with(tiny_pipe):
+    lengths = []
+    hook = tiny_pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
+    )
+    generate(tiny_pipe, steps=1)
+    tiny_pipe.customshift_config.max_sequence_length = 16
+    generate(tiny_pipe, steps=1)
+    generate(tiny_pipe, steps=1, max_sequence_length=32)
+    hook.remove()
+    assert lengths == [77 + 256, 77 + 16, 77 + 32]

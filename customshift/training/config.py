@@ -195,6 +195,7 @@ class TrainingConfig:
     def customshift_config(self) -> CustomShiftConfig:
         """The adapter's `CustomShiftConfig` (base mode: no reference LoRA)."""
         fields = dict(self.model.customshift)
+        fields.setdefault("max_sequence_length", self.data.max_sequence_length)  # sampling then matches training
         if self.mode == "base":
             fields["lora_rank"] = 0
         return CustomShiftConfig.from_dict(fields)
