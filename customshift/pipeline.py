@@ -109,10 +109,12 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             self._weights_fingerprint = tensors_fingerprint(self.customshift_state_dict())
         return self._weights_fingerprint
 
-    def customshift_weights_changed(self) -> None:
-        """Call after changing the branch's weights in place (the trainer does), so that subject
-        embeddings made before are recognised as stale."""
+    def customshift_weights_changed(self, base: bool = False) -> None:
+        """Call after changing weights in place (the trainer does), so that subject embeddings made before
+        are recognised as stale; ``base=True`` when the base transformer itself was trained."""
         self._weights_fingerprint = None
+        if base:
+            self._base_fingerprint = None
 
     def save_customshift(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the trained CustomShift weights and their manifest to a folder (atomic per file)."""
@@ -241,7 +243,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         pil = [load_image(image) for image in images]
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        self._check_size(height, width)
+        self.check_size(height, width)
         latents = self.prepare_reference_latents(pil, height, width).to(self.transformer.dtype)
         embeds, pooled = self.subject_tokens(subject)
         inputs = {
@@ -334,7 +336,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             text_queries_attend_reference=config.text_queries_attend_reference,
         )
 
-    def _check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor * self.transformer.config.patch_size
         if height % multiple or width % multiple:
             raise PromptError(f"height and width must be multiples of {multiple}, got {height}x{width}")

@@ -331,7 +331,7 @@ class Trainer:
         self.cs = self.pipe.customshift_config
         self.pipe.set_progress_bar_config(disable=True)
         self.resolution = config.data.resolution or self.pipe.default_sample_size * self.pipe.vae_scale_factor
-        self.pipe._check_size(self.resolution, self.resolution)
+        self.pipe.check_size(self.resolution, self.resolution)
         self._configure_trainable()
         self._configure_dtypes()
         if config.model.gradient_checkpointing:
@@ -875,7 +875,7 @@ class Trainer:
         with self.ema_weights():
             if self.use_reference:
                 if self.config.train.trainable == "full":
-                    self.pipe._base_fingerprint = None  # the base itself was trained; the cached print is stale
+                    self.pipe.customshift_weights_changed(base=True)  # the base itself was trained
                 self.pipe.save_customshift(folder / "customshift", extra={"step": self.step})
             if self.cs.generation_lora_rank > 0:
                 from peft.utils import get_peft_model_state_dict
@@ -1131,7 +1131,7 @@ def load_pipeline_from_checkpoint(path: str | os.PathLike[str], device: str | to
                 if name.startswith(prefix):
                     params[name[len(prefix):]].copy_(tensor.to(params[name[len(prefix):]].dtype))
     if config.train.trainable == "full":
-        pipe._base_fingerprint = None  # the base weights were trained: recompute the cached print
+        pipe.customshift_weights_changed(base=True)  # the base weights were trained
     pipe.customshift_weights_changed()
     pipe.to(device)
     pipe.reference_branch.to(device)
