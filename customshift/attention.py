@@ -82,13 +82,17 @@ class CADSState:
     text_queries_attend_reference: bool = False
     has_subject: Tensor | None = field(default=None, init=False)
     active: bool = field(default=True, init=False)
+    base_shift: dict[str, Tensor] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        # Decided once here, not in the per-step hot path: with shift_scale == 0 no sample attends
-        # to the reference and every processor computes plain SD3 exactly.
+        # Work done once per generation here, not in the per-step hot path. With shift_scale == 0 no
+        # sample attends to the reference and every processor computes plain SD3 exactly.
         self.active = not bool(torch.isneginf(self.log_scale).all())
+        log_scale = self.log_scale.float().view(-1, 1)
+        self.base_shift = {name: beta.float() + log_scale for name, beta in self.beta.items()}  # (B, 1)
         if self.subject_weights is not None:
-            self.has_subject = self.subject_weights.sum(-1) > 0
+            self.has_subject = (self.subject_weights.sum(-1) > 0).view(-1, 1)
+            self.subject_weights = self.subject_weights[:, None, None, :]  # (B, 1, 1, T) for one matmul
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,10 +142,10 @@ def subject_relevance(image_query: Tensor, text_key: Tensor, subject_weights: Te
 
     The score of query i against the (weighted) mean subject key is, per head, normalised over the
     image tokens (exp(s_i - max_i s_i): the most subject-like query gets 1) and averaged over heads.
-    Returns (B, N_image).
+    ``subject_weights`` is (B, T) or already (B, 1, 1, T). Returns (B, N_image).
     """
-    weights = subject_weights.to(text_key.dtype)[:, None, :, None]  # (B, 1, T, 1)
-    subject_key = (text_key * weights).sum(dim=2, keepdim=True)  # (B, H, 1, d)
+    weights = subject_weights if subject_weights.dim() == 4 else subject_weights[:, None, None, :]
+    subject_key = torch.matmul(weights.to(text_key.dtype), text_key)  # (B, H, 1, d)
     scores = torch.matmul(image_query, subject_key.transpose(-1, -2)).squeeze(-1).float()
     scores = scores / math.sqrt(image_query.shape[-1])
     relevance = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
@@ -150,16 +154,15 @@ def subject_relevance(image_query: Tensor, text_key: Tensor, subject_weights: Te
 
 def _shift_logits(state: CADSState, name: str, image_query: Tensor, text_key: Tensor | None) -> Tensor:
     """beta_i for every image query: (B, N_image), float32."""
-    batch = image_query.shape[0]
-    beta = state.beta[name].float() + state.log_scale.float().view(batch, 1)
+    beta = state.base_shift[name]  # beta_l + log(shift_scale), (B, 1)
     if not state.conditional:
-        return beta.expand(batch, image_query.shape[2])
+        return beta.expand(-1, image_query.shape[2])
     if text_key is None or state.subject_weights is None:
         # No prompt tokens here (SD3.5's image-only attn2): the subject relevance is not defined,
         # so the shift is unconditional with m_i = 1 (documented fallback).
         return beta + state.gamma[name].float()
     relevance = subject_relevance(image_query, text_key, state.subject_weights)
-    relevance = torch.where(state.has_subject.view(batch, 1), relevance, torch.ones_like(relevance))
+    relevance = torch.where(state.has_subject, relevance, torch.ones_like(relevance))
     return beta + state.gamma[name].float() * relevance
 
 
@@ -196,8 +199,12 @@ def cads_attention(
     attending = shift.shape[1]  # queries that see the reference (image, or image + text)
     base_out, base_lse = attention_with_lse(query, key, value)
     ref_out, ref_lse = attention_with_lse(query[:, :, :attending], ref_key, ref_value)
-    mix = torch.sigmoid(ref_lse - base_lse[:, :, :attending] + shift[:, None, :]).to(query.dtype)
-    mixed = base_out[:, :, :attending] + mix.unsqueeze(-1) * (ref_out - base_out[:, :, :attending])
+    mix = torch.sigmoid(ref_lse - base_lse[:, :, :attending] + shift[:, None, :]).to(query.dtype).unsqueeze(-1)
+    if not torch.is_grad_enabled():
+        # Inference: mix in place, no temporaries and no re-concatenation of the whole output.
+        base_out[:, :, :attending].lerp_(ref_out, mix)
+        return base_out
+    mixed = base_out[:, :, :attending] + mix * (ref_out - base_out[:, :, :attending])
     if attending == query.shape[2]:
         return mixed
     return torch.cat([mixed, base_out[:, :, attending:]], dim=2)
