@@ -1,0 +1,35 @@
+"""The packaged default model: loads offline with its CustomShift weights and drives `customshift demo`."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from customshift.cli import app
+from customshift.default_model import DEFAULT_MODEL_DIR, default_weights_path, load_default_pipeline
+
+
+def test_default_model_ships_with_its_weights_and_recipe():
+    assert (DEFAULT_MODEL_DIR / "model_index.json").is_file()
+    recipe = json.loads((DEFAULT_MODEL_DIR / "RECIPE.json").read_text())
+    assert recipe["step"] > 0 and "scripts/train_default_model.sh" in recipe["recipe"]
+    pipe = load_default_pipeline()
+    assert pipe.weights_fingerprint != "training-free"
+    assert pipe.customshift_config.max_sequence_length == 16
+    manifest = json.loads((default_weights_path() / "customshift.json").read_text())
+    assert manifest["base_fingerprint"] == pipe.base_fingerprint
+
+
+def test_demo_and_generate_run_on_the_default_model(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "2", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    grid = Image.open(tmp_path / "demo" / "demo.png")
+    assert grid.width > 3 * 64
+    result = runner.invoke(app, ["generate", "--reference", str(tmp_path / "demo" / "demo.png"), "--subject", "robot",
+                                 "--prompt", "a small robot on a pink background, top left", "--steps", "2",
+                                 "--out", str(tmp_path / "gen")])
+    assert result.exit_code == 0, result.output
+    assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (64, 64)
