@@ -9,7 +9,6 @@
 #   sd35-large  1024² target with a 512² reference
 # 2 warm-up + 5 timed steps per method, interleaved; seconds per image = 28 x the median step
 # (extrapolated, and said so in the output). (d) is one LoRA training step on the same architecture.
-# --proposed also times the hot-path changes proposed for customshift/attention.py (monkeypatched).
 # Writes docs/speed-gpu.json and the "gpu" block of docs/speed.md (card named in the table header).
 # An optional torch.compile run of the headline configuration follows if time is left.
 set -uo pipefail
@@ -43,8 +42,8 @@ if ! python -c "import torch, diffusers, peft, customshift; assert torch.cuda.is
     exit 2
 fi
 
-run sd3-medium 240 --size sd3-medium --pairs 512:512,1024:512,1024:1024 --proposed "${COMMON[@]}"
-run sd35-large 200 --size sd35-large --pairs 1024:512 --proposed "${COMMON[@]}"
+run sd3-medium 240 --size sd3-medium --pairs 512:512,1024:512,1024:1024 "${COMMON[@]}"
+run sd35-large 200 --size sd35-large --pairs 1024:512 "${COMMON[@]}"
 run sd3-medium-compiled 150 --size sd3-medium --pairs 1024:512 --compile --no-finetune "${COMMON[@]}"
 
 parts=()

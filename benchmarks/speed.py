@@ -106,7 +106,6 @@ class Options:
     finetune_steps_assumed: int = 500
     finetune: bool = True
     memory_warmup: bool = True  # one untimed call before each peak-memory call
-    proposed: bool = False  # also time the proposed hot-path changes (transformer level)
 
     @property
     def n_step_runs(self) -> int:
@@ -479,85 +478,6 @@ def finetune_to_threshold(tuner: LoraTuner, opts: Options) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Proposed hot-path changes to customshift/attention.py, measured here by monkeypatching (``--proposed``)
-
-
-def _proposed_cads_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    ref_key: torch.Tensor,
-    ref_value: torch.Tensor,
-    shift: torch.Tensor,
-    num_image_tokens: int,
-    form: str = "split",
-    text_queries_attend_reference: bool = False,
-) -> torch.Tensor:
-    """``cads_attention`` (split form, inference) that mixes in place: one ``lerp_`` into the fused
-    kernel's fresh output instead of three temporaries and a ``cat`` of the whole sequence."""
-    from customshift import attention
-
-    if form != "split" or text_queries_attend_reference or torch.is_grad_enabled():
-        return _ORIGINAL["cads_attention"](query, key, value, ref_key, ref_value, shift, num_image_tokens, form,
-                                           text_queries_attend_reference)
-    batch, heads = query.shape[:2]
-    ref_key = ref_key.to(query.dtype).expand(batch, heads, -1, -1)
-    ref_value = ref_value.to(query.dtype).expand(batch, heads, -1, -1)
-    attending = shift.shape[1]
-    base_out, base_lse = attention.attention_with_lse(query, key, value)
-    ref_out, ref_lse = attention.attention_with_lse(query[:, :, :attending], ref_key, ref_value)
-    mix = ref_lse.sub_(base_lse[:, :, :attending]).add_(shift[:, None, :]).sigmoid_().to(query.dtype)
-    base_out[:, :, :attending].lerp_(ref_out, mix.unsqueeze(-1))
-    return base_out
-
-
-def _proposed_shift_logits(state: Any, name: str, image_query: torch.Tensor, text_key: torch.Tensor | None):
-    """``_shift_logits`` with the per-layer constants (beta + log_scale, gamma, subject weights in the
-    model dtype, the has-subject mask) made once per state instead of at every layer of every step, and
-    the mean subject key as one matmul instead of a broadcast product and a sum over (B, H, T, d)."""
-    batch = image_query.shape[0]
-    cache = state.__dict__.setdefault("_proposed", {})
-    if name not in cache:
-        weights = state.subject_weights
-        cache[name] = (
-            state.beta[name].float() + state.log_scale.float().view(batch, 1),
-            state.gamma[name].float(),
-            None if weights is None else weights.to(image_query.dtype)[:, None, None, :],
-            None if state.has_subject is None else state.has_subject.view(batch, 1),
-        )
-    offset, gamma, weights, has_subject = cache[name]
-    if not state.conditional:
-        return offset.expand(batch, image_query.shape[2])
-    if text_key is None or weights is None:
-        return offset + gamma
-    subject_key = torch.matmul(weights, text_key)  # (B, H, 1, d)
-    scores = torch.matmul(image_query, subject_key.transpose(-1, -2)).squeeze(-1).float()
-    scores = scores * (1.0 / math.sqrt(image_query.shape[-1]))
-    relevance = torch.exp(scores - scores.amax(dim=-1, keepdim=True)).mean(dim=1)
-    relevance = torch.where(has_subject, relevance, 1.0)
-    return torch.addcmul(offset, gamma, relevance)
-
-
-_ORIGINAL: dict[str, Callable[..., Any]] = {}
-
-
-@contextlib.contextmanager
-def proposed_hot_path() -> Iterator[None]:
-    """Swap the proposals into ``customshift.attention`` while inside ``with`` (restored after)."""
-    from customshift import attention
-
-    _ORIGINAL.setdefault("cads_attention", attention.cads_attention)
-    _ORIGINAL.setdefault("_shift_logits", attention._shift_logits)
-    attention.cads_attention = _proposed_cads_attention
-    attention._shift_logits = _proposed_shift_logits
-    try:
-        yield
-    finally:
-        attention.cads_attention = _ORIGINAL["cads_attention"]
-        attention._shift_logits = _ORIGINAL["_shift_logits"]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Transformer level: the published architectures with random weights
 
 
@@ -729,15 +649,8 @@ def _bench_transformer_config(
         tables.use("cads")
         return {"seconds": timed(encode)}
 
-    def run_proposed() -> dict[str, float]:
-        tables.use("cads")
-        with proposed_hot_path():
-            return {"seconds_per_step": timed(lambda: forward({"customshift": holder["proposed_state"]}))}
-
     methods = {"plain": run_plain, "customshift": run_customshift, "concat": run_concat,
                "recompute": run_recompute, "encode_subject": run_encode}
-    if opts.proposed:
-        methods["customshift_proposed"] = run_proposed
     memory: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     with torch.no_grad():
@@ -748,18 +661,6 @@ def _bench_transformer_config(
             run_plain()
         memory["plain"] = peak.as_dict()
         holder["state"] = encode()
-        proposal: dict[str, Any] = {}
-        if opts.proposed:
-            holder["proposed_state"] = encode()
-            tables.use("stock")
-            plain_out = forward().float()
-            tables.use("cads")
-            reference_out = forward({"customshift": holder["state"]}).float()
-            with proposed_hot_path():
-                proposed_out = forward({"customshift": holder["proposed_state"]}).float()
-            # The first is the reference's effect (> 0: CADS was on), the second the proposal's error.
-            proposal["reference_effect"] = float((reference_out - plain_out).abs().max())
-            proposal["max_abs_difference"] = float((proposed_out - reference_out).abs().max())
         kernels = fused_kernel_check(transformer, holder["state"], image_tokens(arch, resolution))
         for name in ("customshift", "recompute", "encode_subject"):
             if opts.memory_warmup:
@@ -817,14 +718,6 @@ def _bench_transformer_config(
         "concat_ratio": paired_ratio(samples["concat"]["seconds_per_step"],
                                      samples["customshift"]["seconds_per_step"]),
     }
-    if opts.proposed:
-        per_step = samples["customshift_proposed"]["seconds_per_step"]
-        proposal["seconds_per_step"] = summarize(per_step)
-        proposal["overhead_ratio"] = _ratio(statistics.median(per_step),
-                                            result["methods"]["plain"]["seconds_per_step"]["median"])
-        proposal["paired_overhead_ratio"] = paired_ratio(per_step, samples["plain"]["seconds_per_step"])
-        proposal["paired_vs_current"] = paired_ratio(per_step, samples["customshift"]["seconds_per_step"])
-        result["proposed_hot_path"] = proposal
     return result
 
 
@@ -1231,17 +1124,6 @@ def render_markdown(document: dict[str, Any]) -> str:
             f"| {cell(mem['customshift'])} | {_fmt_ratio(r['memory_ratio'])} | {cell(mem['concat'])} | {cache} "
             f"| {_fmt_ratio(r['encode_vs_step'], r['flops']['encode_vs_step'])} | {step} | {to_threshold} |"
         )
-    proposals = [r for r in results if r.get("proposed_hot_path")]
-    if proposals:
-        lines += ["", "Proposed hot-path changes (`--proposed`, monkeypatched; b/a per step, paired):", ""]
-        for r in proposals:
-            p = r["proposed_hot_path"]
-            lines.append(
-                f"- {r['size']} {r['resolution']}²/{r['reference']}²: current "
-                f"{_fmt_ratio(r['paired']['overhead_ratio'])}, proposed {_fmt_ratio(p['paired_overhead_ratio'])} "
-                f"(proposed/current {_fmt_ratio(p['paired_vs_current'])}, "
-                f"max |difference| {p['max_abs_difference']:.1e})"
-            )
     lines += ["", "Targets:", ""]
     for r in results:
         for name, t in r["targets"].items():
@@ -1321,8 +1203,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-steps-assumed", type=int, default=500,
                         help="(d) steps of a real per-subject LoRA run, for the full-size extrapolation")
     parser.add_argument("--no-finetune", action="store_true", help="skip (d)")
-    parser.add_argument("--proposed", action="store_true",
-                        help="also time the proposed hot-path changes to customshift/attention.py (monkeypatched)")
     parser.add_argument("--merge", nargs="+", help="JSON files of earlier runs to combine (no measuring)")
     parser.add_argument("--out", type=Path, help="JSON output")
     parser.add_argument("--markdown", type=Path, help="markdown file whose --section block gets the tables")
@@ -1338,7 +1218,7 @@ def options_from(args: argparse.Namespace) -> Options:
         lora_rank=args.lora_rank, finetune_threshold=args.finetune_threshold, finetune_lr=args.finetune_lr,
         finetune_max_steps=args.finetune_max_steps, finetune_eval_every=args.finetune_eval_every,
         finetune_steps_assumed=args.finetune_steps_assumed,
-        finetune=not args.no_finetune, proposed=args.proposed,
+        finetune=not args.no_finetune,
     )
 
 
