@@ -837,6 +837,9 @@ def bench_pipeline(
     rng = np.random.RandomState(opts.seed)
     image = Image.fromarray((rng.rand(reference, reference, 3) * 255).astype("uint8"))
     clock = StepClock(device)
+    # Same text length for every method: CustomShift weights may record the T5 length they were trained
+    # with (the default model: 16), which the plain SD3 pipeline would not know.
+    text_length = pipe.customshift_config.max_sequence_length or 256
 
     def generate(target: Any, **kwargs: Any) -> dict[str, float]:
         clock.times = []
@@ -845,7 +848,7 @@ def bench_pipeline(
         target(
             PROMPT, height=resolution, width=resolution, num_inference_steps=opts.steps,
             guidance_scale=opts.guidance_scale, generator=torch.Generator("cpu").manual_seed(opts.seed),
-            callback_on_step_end=clock, **kwargs,
+            callback_on_step_end=clock, max_sequence_length=text_length, **kwargs,
         )
         synchronize(device)
         return {"seconds_per_image": time.perf_counter() - start, "seconds_per_step": clock.per_step()}
