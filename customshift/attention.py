@@ -10,8 +10,16 @@ CADS makes it depend on the query:
 
     beta_i = beta_l + gamma_l * m_i + log(shift_scale)
 
-with m_i in [0, 1] the relevance of image query i to the subject-name tokens of the prompt. See
-docs/method.md for the derivation. Two equivalent forms are implemented:
+with m_i in [0, 1] the relevance of image query i to the subject-name tokens of the prompt. Two ways
+of reading beta_i (``CADSState.mass``):
+
+* logit (``mass=False``): beta_i is added to the reference logits, as above; the reference's mass
+  still follows the scores, so training can close the path by pushing reference scores down;
+* mass (``mass=True``): beta_i is the log-odds of the constrained mass itself, rho_i = sigmoid(beta_i),
+  and the multiplier that meets the constraint is beta_i - (LSE_R - LSE_B); then
+  out_i = (1 - rho_i) * out_i^B + rho_i * out_i^R whatever the scores' magnitudes.
+
+See docs/method.md for the derivation. Two equivalent forms are implemented:
 
 * ``split``: one attention over the base keys and one over the reference keys, combined with the
   formula above (keeps fused SDPA kernels, no N x (N + R) mask);
@@ -67,6 +75,7 @@ class CADSState:
         subject_weights: (B, text_len) weights of the subject-name tokens in each sample's text
             sequence (rows sum to 1), or all zeros where the prompt has no subject tokens.
         conditional: use m_i (False: the shift is the same for every query).
+        mass: image queries' shift is the log-odds of their reference mass (False: a logit shift).
         form: "split" or "mask".
         text_queries_attend_reference: whether text queries see the reference keys.
     """
@@ -78,6 +87,7 @@ class CADSState:
     log_scale: Tensor
     subject_weights: Tensor | None = None
     conditional: bool = True
+    mass: bool = False
     form: str = "split"
     text_queries_attend_reference: bool = False
     has_subject: Tensor | None = field(default=None, init=False)
@@ -176,15 +186,17 @@ def cads_attention(
     num_image_tokens: int,
     form: str = "split",
     text_queries_attend_reference: bool = False,
+    mass: bool = False,
 ) -> Tensor:
     """Attention of [image; text] queries over base keys plus reference keys with the CADS shift.
 
     Args:
         query, key, value: (B, H, N, d) for the joint [image; text] sequence (or image only).
         ref_key, ref_value: (1 or B, H, R, d); expanded, never copied, to the batch.
-        shift: (B, N_image) logit shift beta_i of each image query (float32; -inf = no reference).
+        shift: (B, N_image) shift beta_i of each image query (float32; -inf = no reference).
         num_image_tokens: the image queries come first in the sequence.
-        text_queries_attend_reference: text queries get shift 0 (plain union) instead of -inf.
+        text_queries_attend_reference: text queries get logit shift 0 (plain union) instead of -inf.
+        mass: ``shift`` is the log-odds of the image queries' reference mass, not a logit shift.
     """
     batch, heads = query.shape[:2]
     ref_key = ref_key.to(query.dtype).expand(batch, heads, -1, -1)
@@ -193,13 +205,23 @@ def cads_attention(
     if text_queries_attend_reference and num_text:
         shift = torch.cat([shift, shift.new_zeros(batch, num_text)], dim=1)
     if form == "mask":
-        return _cads_masked(query, key, value, ref_key, ref_value, shift)
+        return _cads_masked(query, key, value, ref_key, ref_value, shift, num_image_tokens if mass else 0)
     if form != "split":
         raise ValueError(f"unknown CADS form {form!r}; use 'split' or 'mask'")
     attending = shift.shape[1]  # queries that see the reference (image, or image + text)
-    base_out, base_lse = attention_with_lse(query, key, value)
-    ref_out, ref_lse = attention_with_lse(query[:, :, :attending], ref_key, ref_value)
-    mix = torch.sigmoid(ref_lse - base_lse[:, :, :attending] + shift[:, None, :]).to(query.dtype).unsqueeze(-1)
+    if mass and attending == num_image_tokens:
+        # The mass is sigmoid(beta_i) itself: no log-sum-exp needed, two plain fused attentions.
+        base_out = F.scaled_dot_product_attention(query, key, value)
+        ref_out = F.scaled_dot_product_attention(query[:, :, :attending], ref_key, ref_value)
+        logits = shift[:, None, :]
+    else:
+        base_out, base_lse = attention_with_lse(query, key, value)
+        ref_out, ref_lse = attention_with_lse(query[:, :, :attending], ref_key, ref_value)
+        logits = ref_lse - base_lse[:, :, :attending] + shift[:, None, :]
+        if mass:  # the image queries' mass is sigmoid(beta_i) itself; text queries keep the plain union
+            logits = torch.cat([shift[:, None, :num_image_tokens].expand(-1, heads, -1),
+                                logits[:, :, num_image_tokens:]], dim=2)
+    mix = torch.sigmoid(logits).to(query.dtype).unsqueeze(-1)
     if not torch.is_grad_enabled():
         # Inference: mix in place, no temporaries and no re-concatenation of the whole output.
         base_out[:, :, :attending].lerp_(ref_out, mix)
@@ -210,13 +232,22 @@ def cads_attention(
     return torch.cat([mixed, base_out[:, :, attending:]], dim=2)
 
 
-def _cads_masked(query: Tensor, key: Tensor, value: Tensor, ref_key: Tensor, ref_value: Tensor, shift: Tensor):
-    batch, _, num_queries, _ = query.shape
+def _cads_masked(query: Tensor, key: Tensor, value: Tensor, ref_key: Tensor, ref_value: Tensor, shift: Tensor,
+                 num_mass_queries: int = 0):
+    batch, heads, num_queries, _ = query.shape
     num_ref = ref_key.shape[2]
-    mask = query.new_zeros(batch, 1, num_queries, key.shape[2] + num_ref, dtype=torch.float32)
-    padded = torch.full((batch, num_queries), float("-inf"), device=query.device)
-    padded[:, : shift.shape[1]] = shift
-    mask[:, 0, :, key.shape[2] :] = padded[:, :, None]
+    padded = torch.full((batch, 1, num_queries), float("-inf"), device=query.device)
+    padded[:, 0, : shift.shape[1]] = shift
+    if num_mass_queries:
+        # The multiplier that gives mass sigmoid(beta_i): beta_i - (LSE_R - LSE_B), per head.
+        scale = 1.0 / math.sqrt(query.shape[-1])
+        mass_query = query[:, :, :num_mass_queries]
+        gap = (torch.logsumexp(torch.matmul(mass_query, ref_key.transpose(-1, -2)).float() * scale, dim=-1)
+               - torch.logsumexp(torch.matmul(mass_query, key.transpose(-1, -2)).float() * scale, dim=-1))
+        padded = padded.expand(-1, heads, -1).clone()
+        padded[:, :, :num_mass_queries] = padded[:, :, :num_mass_queries] - gap
+    mask = query.new_zeros(batch, padded.shape[1], num_queries, key.shape[2] + num_ref, dtype=torch.float32)
+    mask[:, :, :, key.shape[2] :] = padded[:, :, :, None]
     return F.scaled_dot_product_attention(
         query, torch.cat([key, ref_key], dim=2), torch.cat([value, ref_value], dim=2), attn_mask=mask.to(query.dtype)
     )
@@ -280,6 +311,7 @@ class CADSAttnProcessor:
                 num_image,
                 form=customshift.form,
                 text_queries_attend_reference=customshift.text_queries_attend_reference,
+                mass=customshift.mass,
             )
         else:
             mask = None

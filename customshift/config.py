@@ -47,6 +47,9 @@ class CustomShiftConfig:
         beta_init / gamma_init: initial per-layer shift parameters.
         text_queries_attend_reference: let text queries see the reference keys too (default: no).
         cads_form: "split" (two attention calls joined by log-sum-exp) or "mask" (one call, additive mask).
+        cads_shift: "mass" (beta_i is the log-odds of the image query's attention mass on the reference,
+            so the path cannot be closed by the scores) or "logit" (beta_i is added to the reference
+            logits; the mass follows the scores). docs/method.md derives both.
         max_sequence_length: T5 tokens the model was trained with; the pipeline's default when the caller
             gives none (None: SD3's 256).
     """
@@ -64,6 +67,7 @@ class CustomShiftConfig:
     gamma_init: float = 1.0
     text_queries_attend_reference: bool = False
     cads_form: Literal["split", "mask"] = "split"
+    cads_shift: Literal["mass", "logit"] = "mass"
     max_sequence_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,6 +77,8 @@ class CustomShiftConfig:
             raise ValueError(f"reference_positions must be 'same' or 'offset', not {self.reference_positions!r}")
         if self.cads_form not in ("split", "mask"):
             raise ValueError(f"cads_form must be 'split' or 'mask', not {self.cads_form!r}")
+        if self.cads_shift not in ("mass", "logit"):
+            raise ValueError(f"cads_shift must be 'mass' or 'logit', not {self.cads_shift!r}")
         if self.lora_rank < 0 or self.generation_lora_rank < 0:
             raise ValueError("LoRA ranks must be >= 0")
 

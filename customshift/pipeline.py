@@ -85,7 +85,9 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         install_processors(self.transformer)
         self._base_fingerprint: str | None = None
         self._weights_fingerprint = TRAINING_FREE
-        self.set_customshift_config(CustomShiftConfig(lora_rank=0))
+        # Training-free: the reference keys join attention with a logit shift (beta = 0 is the plain union),
+        # so an untrained model gives the reference only the mass its scores earn (docs/method.md).
+        self.set_customshift_config(CustomShiftConfig(lora_rank=0, cads_shift="logit"))
 
     # ------------------------------------------------------------------------------------------------------
     # CustomShift weights
@@ -332,6 +334,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             log_scale=log_scale.to(device),
             subject_weights=subject_weights.to(device),
             conditional=config.conditional_shift,
+            mass=config.cads_shift == "mass",
             form=config.cads_form,
             text_queries_attend_reference=config.text_queries_attend_reference,
         )

@@ -57,6 +57,39 @@ def test_split_and_mask_forms_agree():
     assert (split - mask).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("text_attends", [False, True])
+@pytest.mark.parametrize("form", ["split", "mask"])
+def test_mass_shift_sets_the_reference_mass_exactly(form, text_attends):
+    """cads_shift="mass": image query i puts mass sigmoid(beta_i) on the reference, whatever the scores."""
+    q, k, v, rk, rv = _qkv(seed=5)
+    k = 4.0 * q  # base keys that score far above the reference keys
+    num_image = 7
+    shift = torch.randn(2, num_image)
+    shift[0, 0] = -math.inf
+    out = cads_attention(q, k, v, rk, rv, shift, num_image, form=form, text_queries_attend_reference=text_attends,
+                         mass=True)
+    base, _ = attention_with_lse(q, k, v)
+    ref, _ = attention_with_lse(q, rk.expand(2, -1, -1, -1), rv.expand(2, -1, -1, -1))
+    rho = torch.sigmoid(shift)[:, None, :, None]
+    torch.testing.assert_close(out[:, :, :num_image], (1 - rho) * base[:, :, :num_image] + rho * ref[:, :, :num_image],
+                               atol=1e-5, rtol=1e-5)
+    union = _reference_formula(q, k, v, rk, rv, shift, num_image, text_attends)  # text queries: as logit mode
+    torch.testing.assert_close(out[:, :, num_image:], union[:, :, num_image:], atol=1e-5, rtol=1e-5)
+
+
+def test_mass_shift_keeps_gradients_when_reference_scores_are_low():
+    """The logit form's gradient to beta vanishes once training pushes reference scores down; mass keeps it."""
+    q, k, v, rk, rv = _qkv(seed=6)
+    k = 10.0 * q
+    grads = {}
+    for mass in (False, True):
+        beta = torch.zeros((), requires_grad=True)
+        out = cads_attention(q, k, v, rk, rv, beta.expand(2, 10), 10, mass=mass)
+        out.square().mean().backward()
+        grads[mass] = beta.grad.abs().item()
+    assert grads[True] > 1e-3 and grads[False] < 1e-3 * grads[True]
+
+
 def test_reference_off_is_plain_attention_exactly():
     q, k, v, rk, rv = _qkv()
     shift = torch.full((2, 10), -math.inf)

@@ -244,3 +244,23 @@ def test_base_mode_full_training_exports_a_loadable_pipeline(tiny_pipe, tmp_path
     trained = dict(trainer.pipe.transformer.named_parameters())["proj_out.weight"]
     assert torch.equal(pipe.transformer.proj_out.weight, trained.detach())
     assert not torch.equal(tiny_pipe.transformer.proj_out.weight, trained.detach())
+
+
+def test_foreground_weights_mark_the_subject_and_weigh_the_loss(tiny_pipe, tmp_path):
+    from customshift.training.trainer import foreground_weights
+
+    image = np.full((32, 32, 3), 240, dtype=np.uint8)
+    image[8:16, 20:28] = (220, 50, 50)  # an 8 x 8 subject on a uniform background
+    weights = foreground_weights([Image.fromarray(image)], (8, 8), 5.0)
+    assert weights.shape == (1, 1, 8, 8)
+    expected = torch.ones(8, 8)
+    expected[2:4, 5:7] = 5.0  # 4-px latent cells covering the subject
+    assert torch.equal(weights[0, 0], expected)
+    # In the trainer the weighted loss differs from the plain one on the same batch, noise and sigmas.
+    plain = make_trainer(tiny_pipe, tmp_path / "a", *NO_DROPOUT, "checkpoint.every_steps=0")
+    weighted = make_trainer(tiny_pipe, tmp_path / "b", *NO_DROPOUT, "checkpoint.every_steps=0",
+                            "train.foreground_loss_weight=5")
+    groups = plain.loader.next_batch()
+    batch = weighted.prepare_batch(groups, torch.Generator().manual_seed(0))
+    assert batch["loss_weights"].max() == 5.0 and batch["loss_weights"].min() == 1.0
+    assert plain.loss_on(groups, seed=0) != pytest.approx(weighted.loss_on(groups, seed=0), rel=1e-4)

@@ -99,6 +99,9 @@ class TrainConfig:
     high noise, where identity is decided), on the scheduler's shifted sigma table
     (``scheduler_shift`` overrides the model's shift). Condition dropout is per target:
     ``prompt_dropout`` (prompt only), ``reference_dropout`` (reference only), ``both_dropout``.
+    ``foreground_loss_weight`` weighs the loss on latent pixels whose image pixels differ from the
+    target's border colour (the subject, on uniform-background data such as the synthetic domain;
+    findings.md: the sprite is a small share of the loss); 1 = the plain loss.
     """
 
     trainable: Literal["adapter", "full"] = "adapter"
@@ -123,6 +126,7 @@ class TrainConfig:
     prompt_dropout: float = 0.10
     reference_dropout: float = 0.10
     both_dropout: float = 0.05
+    foreground_loss_weight: float = 1.0
     log_every: int = 10
 
 

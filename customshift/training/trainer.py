@@ -177,7 +177,12 @@ class Objective(nn.Module):
             return_dict=False,
         )[0]
         target = noise - x0
-        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        error = (pred.float() - target.float()).pow(2)
+        weights = batch.get("loss_weights")
+        if weights is None:
+            per_sample = error.mean(dim=(1, 2, 3))
+        else:
+            per_sample = (error * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
         loss = per_sample.mean()
         # Every trained parameter takes part in every step (a batch whose references are all dropped
         # leaves the branch unused), so DDP needs no find_unused_parameters; the term is exactly 0.
@@ -546,6 +551,9 @@ class Trainer:
         index = ((1.0 - u) * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
         batch["sigmas"] = self.sigma_table[index].to(device)
         batch["noise"] = torch.randn(batch["target_latents"].shape, generator=g).to(device)
+        if t.foreground_loss_weight != 1.0:
+            batch["loss_weights"] = foreground_weights(targets, batch["target_latents"].shape[-2:],
+                                                       t.foreground_loss_weight).to(device)
         batch["origins"] = [gr.origin for gr in groups]
         batch["prompts"] = texts
         return batch
@@ -1090,6 +1098,20 @@ def _move(module: nn.Module | None, device: torch.device, dtype: torch.dtype) ->
         module.to(device, dtype=dtype)
     else:
         module.to(device)
+
+
+def foreground_weights(images: Sequence[Any], size: tuple[int, int], weight: float) -> Tensor:
+    """(N, 1, h, w) loss weights: ``weight`` where a latent pixel covers a pixel far from the image's border colour."""
+    from ..synthetic import FAR_THRESHOLD
+
+    masks = []
+    for image in images:
+        arr = np.asarray(image.convert("RGB"), dtype=np.int64)
+        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+        far = np.abs(arr - np.median(border, axis=0)).max(axis=2) > FAR_THRESHOLD
+        masks.append(torch.from_numpy(far).float())
+    mask = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], tuple(size))
+    return 1.0 + (float(weight) - 1.0) * mask
 
 
 def _density(t: Any, n: int, generator: torch.Generator) -> Tensor:

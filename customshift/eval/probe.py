@@ -1,0 +1,156 @@
+"""The reference-use probe: does the model read the subject's colours from the reference?
+
+Sampling decides a sprite's colours at high noise (design/findings.md). This probe noises held-out
+targets to fixed levels sigma, asks the model for its clean-image estimate x0 = x_t - sigma * v with the
+right reference, a wrong one (another pair's) and none, decodes it, and reads the 5 x 5 cells at the
+target's known box. A model that uses the reference recovers more cells with the right reference than
+with a wrong one at sigma >= 0.85; equal numbers mean the reference is ignored, whatever the loss says.
+It needs one forward per (pair, sigma, condition) and no sampling, so it is cheap enough to gate a long
+run on it (findings.md: >= 10 points at sigma 0.85 / 0.95 before a run is worth hours).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import synthetic
+
+SIGMAS = (0.5, 0.7, 0.85, 0.95)
+CONDITIONS = ("right", "wrong", "none")
+
+
+def _cell_accuracy(image: np.ndarray, pair: synthetic.Pair) -> float:
+    x0, y0, side = synthetic.sprite_box(pair.target_context)
+    cells = synthetic.read_cells(image, (x0, y0, side, side))
+    mask = synthetic.SILHOUETTES[pair.subject.cls]
+    return float((cells[mask] == pair.subject.color_grid()[mask]).mean())
+
+
+@torch.no_grad()
+def colour_recovery(
+    pipe: Any,
+    pairs: Sequence[synthetic.Pair],
+    sigmas: Sequence[float] = SIGMAS,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_sequence_length: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{condition: {sigma: mean cell accuracy}}`` over ``pairs`` (conditions: right, wrong, none)."""
+    if len(pairs) < 2:
+        raise ValueError("the probe needs at least two pairs (the wrong reference is another pair's)")
+    size = synthetic.CANVAS
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    length = max_sequence_length or pipe.customshift_config.max_sequence_length or 256
+    from PIL import Image
+
+    targets = pipe.prepare_reference_latents([Image.fromarray(p.target) for p in pairs], size, size).float()
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(targets.shape, generator=generator).to(targets.device)
+    prompts = [p.prompt for p in pairs]
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, device=device,
+        max_sequence_length=length,
+    )
+    weights = torch.cat([pipe.subject_token_weights([p.prompt], p.subject_name, embeds.shape[1]) for p in pairs])
+    references = {"right": [p.reference for p in pairs], "wrong": synthetic.wrong_references(pairs)}
+    subjects = {cond: [pipe.encode_subject(ref, p.subject_name, size, size) for ref, p in zip(refs, pairs,
+                                                                                            strict=True)]
+                for cond, refs in references.items()}
+    result: dict[str, dict[str, float]] = {cond: {} for cond in CONDITIONS}
+    for sigma in sigmas:
+        noisy = ((1.0 - sigma) * targets + sigma * noise).to(dtype)
+        for cond in CONDITIONS:
+            scores = []
+            for start in range(0, len(pairs), batch_size):
+                part = slice(start, start + batch_size)
+                n = len(pairs[part])
+                kwargs = None
+                if cond != "none":
+                    chosen = subjects[cond][part]
+                    state = pipe.cads_state(
+                        keys={name: torch.cat([s.keys[name] for s in chosen]) for name in chosen[0].keys},
+                        values={name: torch.cat([s.values[name] for s in chosen]) for name in chosen[0].values},
+                        log_scale=torch.zeros(n), subject_weights=weights[part],
+                    )
+                    kwargs = {"customshift": state}
+                velocity = pipe.transformer(
+                    hidden_states=noisy[part], timestep=torch.full((n,), sigma * 1000.0, device=device),
+                    encoder_hidden_states=embeds[part], pooled_projections=pooled[part],
+                    joint_attention_kwargs=kwargs, return_dict=False,
+                )[0]
+                estimate = noisy[part].float() - sigma * velocity.float()
+                latents = estimate / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+                decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+                images = pipe.image_processor.postprocess(decoded, output_type="np")
+                for image, pair in zip(images, pairs[part], strict=True):
+                    scores.append(_cell_accuracy((np.clip(image, 0, 1) * 255).round().astype(np.uint8), pair))
+            result[cond][f"{sigma:g}"] = float(np.mean(scores))
+    return result
+
+
+def gate(result: dict[str, dict[str, float]], sigmas: Sequence[float] = (0.85, 0.95)) -> float:
+    """The smallest right-minus-wrong gap (in points of cell accuracy) at the deciding noise levels."""
+    gaps = [100.0 * (result["right"][f"{s:g}"] - result["wrong"][f"{s:g}"]) for s in sigmas]
+    return min(gaps) if gaps else math.nan
+
+
+def probe_markdown(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A table: one row per (layout, condition), one column per sigma."""
+    first = next(iter(results.values()))
+    sigmas = list(first["right"])
+    lines = ["| layout | reference | " + " | ".join(f"sigma {s}" for s in sigmas) + " |",
+             "|---|---|" + "---|" * len(sigmas)]
+    for layout, result in results.items():
+        for cond in CONDITIONS:
+            lines.append(f"| {layout} | {cond} | " + " | ".join(f"{result[cond][s]:.3f}" for s in sigmas) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_model(path: str) -> Any:
+    """A training run / checkpoint folder, or a model folder (its ``customshift/`` weights if present)."""
+    from pathlib import Path
+
+    from ..training.trainer import find_checkpoint, load_pipeline_from_checkpoint
+
+    if find_checkpoint(path) is not None:
+        return load_pipeline_from_checkpoint(path)
+    from ..generate import load_pipeline
+
+    weights = Path(path) / "customshift"
+    return load_pipeline(path, str(weights) if weights.is_dir() else None, device="cpu", dtype="fp32")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m customshift.eval.probe MODEL_OR_CHECKPOINT [--n 64] [--layouts random same_size ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a model folder with CustomShift weights, or a training checkpoint")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--layouts", nargs="+", default=["same_layout", "same_size", "random"])
+    parser.add_argument("--track", default="clean")
+    parser.add_argument("--json", default=None, help="write the results here too")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    pipe = load_model(args.model)
+    results = {}
+    for layout in args.layouts:
+        pairs = synthetic.evaluation_split(n=args.n, track=args.track, layout=layout)
+        results[layout] = colour_recovery(pipe, pairs)
+        print(f"{layout}: gate {gate(results[layout]):+.1f} points", flush=True)
+    print(probe_markdown(results))
+    if args.json:
+        from ..io import atomic_write_json
+
+        atomic_write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
