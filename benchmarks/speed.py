@@ -1137,9 +1137,9 @@ def render_markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, section: str, text: str) -> None:
+def write_markdown(path: Path, section: str, text: str, tag: str = "speed", title: str = "Speed") -> None:
     """Replace the ``section`` block of ``path`` (between its markers), or write a new file."""
-    begin, end = f"<!-- speed:{section}:begin -->", f"<!-- speed:{section}:end -->"
+    begin, end = f"<!-- {tag}:{section}:begin -->", f"<!-- {tag}:{section}:end -->"
     block = f"{begin}\n{text}{end}"
     if path.is_file():
         current = path.read_text()
@@ -1151,7 +1151,7 @@ def write_markdown(path: Path, section: str, text: str) -> None:
         path.write_text(current.rstrip("\n") + "\n\n" + block + "\n")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# Speed\n\n{block}\n")
+    path.write_text(f"# {title}\n\n{block}\n")
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

@@ -158,15 +158,15 @@ def finetune_cost(args: argparse.Namespace, customshift_run: Path | None) -> dic
 
 
 def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """The generated block of the docs page: table, targets, new-subject cost, figure."""
     rows = results["methods"]
+    settings = {**vars(args), **results.get("settings", {})}
     naive = rows.get("naive concatenation", {}).get("distractor", {}).get("identity")
     lines = [
-        "# The synthetic ground-truth benchmark",
-        "",
         "Every trained variant: the same base, "
-        f"{args.steps} training steps with the same data and seed (configs/synthetic-benchmark.yaml), "
-        f"then {args.n} held-out subjects per track, {args.sampling_steps} sampling steps, guidance "
-        f"{args.guidance_scale}. Identity with a wrong reference is the control: equal to identity means "
+        f"{settings['steps']} training steps with the same data and seed (configs/synthetic-benchmark.yaml), "
+        f"then {settings['n']} held-out subjects per track, {settings['sampling_steps']} sampling steps, guidance "
+        f"{settings['guidance_scale']}. Identity with a wrong reference is the control: equal to identity means "
         "the reference is ignored. Probe: cells recovered from the one-step clean estimate at sigma 0.85 / 0.95 "
         "with the right / a wrong reference (customshift.eval.probe).",
         "",
@@ -215,8 +215,17 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines += ["", f"Per-subject LoRA: rank 4 on the attention, fitted on the single reference with its own "
                   f"caption until the flow loss is {cost['threshold']} (at most {cost['max_steps']} steps)."]
     lines += ["", "![identity vs prompt accuracy](images/synthetic-identity-vs-prompt.png)", "",
-              "Figure: `python benchmarks/synthetic.py --plot-only --out " + str(args.out) + "`."]
+              "Figure and this block from the saved results: `python benchmarks/synthetic.py --report-only --out "
+              + str(args.out) + "`."]
     return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    from speed import write_markdown
+
+    write_markdown(Path(args.markdown), "table", markdown(results, args), tag="synthetic",
+                   title="The synthetic ground-truth benchmark")
+    plot(results, Path(args.figure))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -271,13 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results/synthetic")
     parser.add_argument("--markdown", default="docs/synthetic.md")
     parser.add_argument("--figure", default="docs/images/synthetic-identity-vs-prompt.png")
-    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from OUT/summary.json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the docs block and the figure from OUT/summary.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    from customshift.io import atomic_write_json, atomic_write_text
+    from customshift.io import atomic_write_json
 
-    if args.plot_only:
-        plot(json.loads((out / "summary.json").read_text()), Path(args.figure))
+    if args.report_only:
+        write_report(json.loads((out / "summary.json").read_text()), args)
         return 0
     torch.manual_seed(0)
     began = time.perf_counter()
@@ -310,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     results["minutes"] = (time.perf_counter() - began) / 60 + results.get("minutes", 0.0)
     results["command"] = "python benchmarks/synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["settings"] = {k: getattr(args, k) for k in ("steps", "n", "sampling_steps", "guidance_scale", "base")}
     atomic_write_json(out / "summary.json", results)
-    atomic_write_text(Path(args.markdown), markdown(results, args))
-    plot(results, Path(args.figure))
+    write_report(results, args)
     partial.unlink(missing_ok=True)
     print(Path(args.markdown).read_text())
     return 0

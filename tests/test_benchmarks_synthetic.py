@@ -56,3 +56,11 @@ def test_benchmark_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
     cut = args.index("--set")
     assert bench.main([*args[:cut], "--skip-finetune", *args[cut:]]) == 0
     assert sorted(p.name for p in (runs / "customshift").glob("ckpt-*")) == ["ckpt-0000002"]
+    # The docs page keeps its hand-written analysis: only the generated block is replaced.
+    page = tmp_path / "table.md"
+    page.write_text("# Title\n\nanalysis written by hand\n\n" + page.read_text().split("\n", 2)[2])
+    (tmp_path / "figure.png").unlink()
+    assert bench.main([*args[:cut], "--report-only"]) == 0
+    text = page.read_text()
+    assert text.startswith("# Title\n\nanalysis written by hand") and text.count("| CustomShift |") == 1
+    assert (tmp_path / "figure.png").is_file()
