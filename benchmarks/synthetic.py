@@ -159,7 +159,8 @@ def finetune_cost(args: argparse.Namespace, customshift_run: Path | None) -> dic
 
 def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     """The generated block of the docs page: table, targets, new-subject cost, figure."""
-    rows = results["methods"]
+    order = ["text only", "copy the reference", *VARIANTS]
+    rows = {name: results["methods"][name] for name in sorted(results["methods"], key=order.index)}
     settings = {**vars(args), **results.get("settings", {})}
     naive = rows.get("naive concatenation", {}).get("distractor", {}).get("identity")
     lines = [
@@ -188,6 +189,10 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         for sigma in ("0.85", "0.95"):
             cells.append(f"{probe['right'][sigma]:.2f} / {probe['wrong'][sigma]:.2f}" if probe else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    missing = [name for name in VARIANTS if name not in rows]
+    if missing:
+        lines += ["", "Not measured in this run: " + ", ".join(missing) + ". Rerun the command to add them (finished "
+                  "variants and their scores are reused)."]
     cs = rows.get("CustomShift", {})
     lines += ["", "## Targets (clean track unless said)", "",
               "| target | wanted | measured | met |", "|---|---|---|---|"]
@@ -229,19 +234,22 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Identity against prompt accuracy: one colour per method, circles clean, squares distractor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-    for track, marker in (("clean", "o"), ("distractor", "s")):
-        for name, r in results["methods"].items():
-            if track not in r:
-                continue
-            ax.scatter(r[track]["prompt_accuracy"], r[track]["identity"], marker=marker, s=42)
-            ax.annotate(f"{name} ({track})", (r[track]["prompt_accuracy"], r[track]["identity"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points")
+    order = ["text only", "copy the reference", *VARIANTS]
+    names = sorted(results["methods"], key=order.index)
+    fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=120)
+    colours = plt.get_cmap("tab10")
+    for index, name in enumerate(names):
+        r = results["methods"][name]
+        for track, marker in (("clean", "o"), ("distractor", "s")):
+            if track in r:
+                ax.scatter(r[track]["prompt_accuracy"], r[track]["identity"], marker=marker, s=46, alpha=0.85,
+                           color=colours(index % 10), label=name if track == "clean" else None)
     ax.axhline(1 / 6, color="gray", lw=0.8, ls=":", label="chance identity (1/6)")
     ax.axhline(TARGETS["clean_identity"], color="green", lw=0.8, ls="--", label="target identity")
     ax.axvline(TARGETS["clean_prompt_accuracy"], color="green", lw=0.8, ls="-.", label="target prompt accuracy")
@@ -249,8 +257,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("identity (cell accuracy)")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("Synthetic sprites: circles clean, squares distractor", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    ax.set_title("Synthetic sprites, held-out subjects: circles clean track, squares distractor track", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -294,15 +302,30 @@ def main(argv: list[str] | None = None) -> int:
     from customshift.eval.probe import load_model
     from customshift.training.trainer import load_pipeline_from_checkpoint
 
-    partial = out / "partial.json"
-    results: dict[str, Any] = json.loads(partial.read_text()) if partial.exists() else {"methods": {}}
+    partial, summary = out / "partial.json", out / "summary.json"
+    settings = {k: getattr(args, k) for k in ("steps", "n", "sampling_steps", "guidance_scale")}
+    base = Path(args.base).resolve()
+    settings["base"] = str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base)
+    results: dict[str, Any] = {"methods": {}, "settings": settings}
+    for saved in (partial, summary):  # rows of an earlier run with the same settings are reused
+        if saved.exists():
+            earlier = json.loads(saved.read_text())
+            if earlier.get("settings", settings) == settings:
+                results.update({k: earlier[k] for k in ("methods", "minutes", "finetune") if k in earlier})
+            break
     methods = results["methods"]
+    earlier_minutes = results.get("minutes", 0.0)
+
+    def save_partial() -> None:
+        results["minutes"] = earlier_minutes + (time.perf_counter() - began) / 60
+        atomic_write_json(partial, results)
+
     if "copy the reference" not in methods:
         methods["copy the reference"] = copy_baseline(args)
     if "text only" not in methods:
         with torch.no_grad():
             methods["text only"] = evaluate(load_model(args.base), out / "text-only", args, use_reference=False)
-        atomic_write_json(partial, results)
+        save_partial()
     runs = {}
     for name in args.variants:
         runs[name] = train_variant(name, args)
@@ -310,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with torch.no_grad():
             methods[name] = evaluate(load_pipeline_from_checkpoint(runs[name]), out / slug(name), args)
-        atomic_write_json(partial, results)
+        save_partial()
         print(f"[{name}] clean identity {methods[name]['clean']['identity']:.3f} "
               f"(wrong {methods[name]['clean']['identity_wrong_reference']:.3f})", flush=True)
     if not args.skip_finetune:
@@ -318,10 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     import platform
 
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    results["minutes"] = (time.perf_counter() - began) / 60 + results.get("minutes", 0.0)
+    results["minutes"] = earlier_minutes + (time.perf_counter() - began) / 60  # earlier runs included
     results["command"] = "python benchmarks/synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    results["settings"] = {k: getattr(args, k) for k in ("steps", "n", "sampling_steps", "guidance_scale", "base")}
-    atomic_write_json(out / "summary.json", results)
+    atomic_write_json(summary, results)
     write_report(results, args)
     partial.unlink(missing_ok=True)
     print(Path(args.markdown).read_text())
