@@ -199,6 +199,25 @@ def evaluate_synthetic(
     typer.echo((out / "summary.md").read_text() if (out / "summary.md").exists() else str(summary))
 
 
+@evaluate_app.command("probe")
+@user_errors
+def evaluate_probe(
+    model: Annotated[str | None, typer.Option("--model", help="Model folder, training run or checkpoint "
+                                              "(default: the packaged default model).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out pairs per layout.")] = 64,
+    layout: Annotated[list[str] | None, typer.Option("--layout", help="same_layout, same_size and/or random.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+) -> None:
+    """Does the model read its reference? Cells recovered at high noise with the right, a wrong and no reference."""
+    from .default_model import default_model_path
+    from .eval.probe import main as probe_main
+
+    argv = [model or str(default_model_path()), "--n", str(n), "--layouts", *(layout or ["same_layout", "random"])]
+    if json_out is not None:
+        argv += ["--json", str(json_out)]
+    probe_main(argv)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     app(prog_name="customshift")

@@ -1,0 +1,61 @@
+"""The reference-use probe: its cell reading is exact, and a reference with no attention mass changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from customshift import synthetic
+from customshift.config import CustomShiftConfig
+from customshift.eval.probe import _cell_accuracy, colour_recovery, gate, probe_markdown
+
+
+@pytest.fixture(scope="module")
+def sprite_sized_folder(tmp_path_factory):
+    """A tiny random SD3 at the sprite canvas size (64 px)."""
+    from customshift.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-64")
+    build_tiny_pipeline("sd3", sample_size=32).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("track", ["clean", "distractor"])
+def test_cells_are_read_exactly_at_the_known_box(track):
+    pairs = synthetic.evaluation_split(n=24, track=track)
+    assert all(_cell_accuracy(p.target, p) == 1.0 for p in pairs)
+    # Another subject's target in the same context scores what the colourings share, below 1.
+    wrong = [_cell_accuracy(synthetic.render(q.subject, p.target_context), p)
+             for p, q in zip(pairs, pairs[1:], strict=False)]
+    assert max(wrong) < 1.0 and np.mean(wrong) < 0.5
+
+
+def test_reference_without_mass_gives_the_same_numbers_for_every_condition(sprite_sized_folder):
+    from customshift.pipeline import CustomShiftPipeline
+
+    torch.set_num_threads(1)
+    pipe = CustomShiftPipeline.from_pretrained(sprite_sized_folder)
+    pipe.set_customshift_config(CustomShiftConfig(lora_rank=0, cads_shift="mass", beta_init=-60.0, gamma_init=0.0))
+    pairs = synthetic.evaluation_split(n=3)
+    result = colour_recovery(pipe, pairs, (0.5, 0.95), max_sequence_length=16)
+    assert set(result) == {"right", "wrong", "none"} and set(result["right"]) == {"0.5", "0.95"}
+    assert result["right"] == result["wrong"] == result["none"]
+    assert all(0.0 <= v <= 1.0 for cond in result.values() for v in cond.values())
+    assert gate(result, (0.5, 0.95)) == 0.0
+    table = probe_markdown({"random": result})
+    assert table.count("| random |") == 3 and "sigma 0.95" in table
+
+
+def test_cli_probe_prints_the_gate_and_writes_json(sprite_sized_folder, tmp_path):
+    from customshift.cli import app
+
+    out = tmp_path / "probe.json"
+    result = CliRunner().invoke(app, ["evaluate", "probe", "--model", sprite_sized_folder, "--n", "2",
+                                      "--layout", "same_layout", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "same_layout: gate" in result.output
+    assert set(json.loads(out.read_text())["same_layout"]) == {"right", "wrong", "none"}
