@@ -251,11 +251,14 @@ def test_foreground_weights_mark_the_subject_and_weigh_the_loss(tiny_pipe, tmp_p
 
     image = np.full((32, 32, 3), 240, dtype=np.uint8)
     image[8:16, 20:28] = (220, 50, 50)  # an 8 x 8 subject on a uniform background
-    weights = foreground_weights([Image.fromarray(image)], (8, 8), 5.0)
+    weights = foreground_weights([Image.fromarray(image)], 32, (8, 8), 5.0)
     assert weights.shape == (1, 1, 8, 8)
     expected = torch.ones(8, 8)
     expected[2:4, 5:7] = 5.0  # 4-px latent cells covering the subject
     assert torch.equal(weights[0, 0], expected)
+    # Images of other sizes are brought to the training resolution first (here 64 px -> 32 px).
+    large = Image.fromarray(image).resize((64, 64), Image.NEAREST)
+    assert torch.equal(foreground_weights([large, Image.fromarray(image)], 32, (8, 8), 5.0)[0, 0], expected)
     # In the trainer the weighted loss differs from the plain one on the same batch, noise and sigmas.
     plain = make_trainer(tiny_pipe, tmp_path / "a", *NO_DROPOUT, "checkpoint.every_steps=0")
     weighted = make_trainer(tiny_pipe, tmp_path / "b", *NO_DROPOUT, "checkpoint.every_steps=0",

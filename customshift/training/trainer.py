@@ -552,7 +552,7 @@ class Trainer:
         batch["sigmas"] = self.sigma_table[index].to(device)
         batch["noise"] = torch.randn(batch["target_latents"].shape, generator=g).to(device)
         if t.foreground_loss_weight != 1.0:
-            batch["loss_weights"] = foreground_weights(targets, batch["target_latents"].shape[-2:],
+            batch["loss_weights"] = foreground_weights(targets, self.resolution, batch["target_latents"].shape[-2:],
                                                        t.foreground_loss_weight).to(device)
         batch["origins"] = [gr.origin for gr in groups]
         batch["prompts"] = texts
@@ -1100,13 +1100,17 @@ def _move(module: nn.Module | None, device: torch.device, dtype: torch.dtype) ->
         module.to(device)
 
 
-def foreground_weights(images: Sequence[Any], size: tuple[int, int], weight: float) -> Tensor:
-    """(N, 1, h, w) loss weights: ``weight`` where a latent pixel covers a pixel far from the image's border colour."""
+def foreground_weights(images: Sequence[Any], resolution: int, size: tuple[int, int], weight: float) -> Tensor:
+    """(N, 1, h, w) loss weights: ``weight`` where a latent pixel covers a pixel far from the image's border colour.
+
+    Images are resized and cropped to ``resolution`` as the trainer's latents are, so the mask lines up.
+    """
+    from ..images import prepare_reference
     from ..synthetic import FAR_THRESHOLD
 
     masks = []
     for image in images:
-        arr = np.asarray(image.convert("RGB"), dtype=np.int64)
+        arr = np.asarray(prepare_reference(image, resolution, resolution).convert("RGB"), dtype=np.int64)
         border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
         far = np.abs(arr - np.median(border, axis=0)).max(axis=2) > FAR_THRESHOLD
         masks.append(torch.from_numpy(far).float())
