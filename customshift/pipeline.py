@@ -174,7 +174,8 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         weights_path = folder / manifest["weights"]
         if file_sha256(weights_path) != manifest["weights_sha256"]:
             raise IncompatibleWeightsError(f"{weights_path}: checksum mismatch; the file is corrupt or was replaced")
-        config = CustomShiftConfig.from_dict(manifest["config"])
+        # Weights saved before ``cads_shift`` existed were trained with the logit form.
+        config = CustomShiftConfig.from_dict({"cads_shift": "logit", **manifest["config"]})
         branch = self.set_customshift_config(config)
         try:
             state = load_file(str(weights_path))

@@ -152,6 +152,18 @@ def test_pipeline_and_weights_round_trip(tiny_pipe, tmp_path):
     assert reloaded.weights_fingerprint == tiny_pipe.weights_fingerprint
     got = generate(reloaded, subject=reloaded.encode_subject(random_image(6), "dog"))
     assert np.array_equal(got, expected)
+    assert reloaded.customshift_config.cads_shift == tiny_pipe.customshift_config.cads_shift == "mass"
+
+
+def test_weights_saved_before_cads_shift_existed_load_as_logit(tiny_pipe, tmp_path):
+    randomize_adapter(tiny_pipe, seed=5)
+    tiny_pipe.save_customshift(tmp_path / "weights")
+    path = tmp_path / "weights" / "customshift.json"
+    manifest = json.loads(path.read_text())
+    del manifest["config"]["cads_shift"]  # as written by the first release
+    path.write_text(json.dumps(manifest))
+    tiny_pipe.load_customshift(tmp_path / "weights")
+    assert tiny_pipe.customshift_config.cads_shift == "logit"
 
 
 def test_subject_embedding_round_trip(tiny_pipe, tmp_path):
