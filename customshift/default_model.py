@@ -12,6 +12,8 @@ from pathlib import Path
 from .errors import CustomShiftError
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+# The text guidance the default model was evaluated with (docs/default-model.md); SD3's 7 oversaturates it.
+DEFAULT_MODEL_GUIDANCE = 2.0
 
 
 def default_model_path() -> Path:

@@ -562,6 +562,7 @@ def create_app(
     max_steps: int = 100,
     max_queue: int = 16,
     default_steps: int = 28,
+    default_guidance: float = 7.0,
     notice: str | None = None,
     model_name: str = "custom",
     examples: int = 4,
@@ -654,7 +655,8 @@ def create_app(
                         num_images = gr.Slider(1, limits.max_images_per_request, value=1, step=1,
                                                label="Images per prompt", elem_id="num-images")
                     with gr.Row():
-                        guidance_scale = gr.Slider(0.0, 20.0, value=7.0, step=0.5, label="Text guidance scale")
+                        guidance_scale = gr.Slider(0.0, 20.0, value=default_guidance, step=0.5,
+                                                   label="Text guidance scale")
                         reference_guidance_scale = gr.Slider(0.0, 10.0, value=0.0, step=0.5,
                                                              label="Reference guidance scale")
                     with gr.Row():
@@ -816,6 +818,15 @@ def load_pipeline(
     return pipe, notice, name
 
 
+def default_guidance_for(model_name: str) -> float:
+    """SD3's text guidance 7, except for the packaged default model, which was trained and evaluated at 2."""
+    if model_name == "customshift-default":
+        from .default_model import DEFAULT_MODEL_GUIDANCE
+
+        return DEFAULT_MODEL_GUIDANCE
+    return 7.0
+
+
 def serve(
     model: str | None = None,
     weights: str | None = None,
@@ -847,6 +858,7 @@ def serve(
         notice=notice,
         model_name=name,
         default_steps=8 if notice == TINY_NOTICE else 28,
+        default_guidance=default_guidance_for(name),
     )
     launch(demo, host, port, block=block)
     return demo

@@ -1,4 +1,4 @@
-"""Make docs/images/webui.png: the demo on the tiny model, after a generation started from an example.
+"""Make docs/images/webui.png: `customshift serve`'s page (default model), after a generation from an example.
 
 Runs offline against 127.0.0.1 only, with Debian's headless Chromium (``setup.sh`` installs it):
 
@@ -42,14 +42,14 @@ def main() -> int:
     from selenium.webdriver.support.ui import WebDriverWait
 
     from customshift import webui
-    from customshift.tiny import build_tiny_pipeline
 
     driver_path = shutil.which("chromedriver")
     if not Path(CHROMIUM).exists() or driver_path is None:
         print("needs /usr/bin/chromium and chromedriver: apt-get install chromium chromium-driver", file=sys.stderr)
         return 2
-    demo = webui.create_app(build_tiny_pipeline("sd3"), notice=webui.TINY_NOTICE, model_name="tiny-random-sd3",
-                            default_steps=8)
+    pipe, notice, name = webui.load_pipeline(device="cpu")  # what `customshift serve` shows by default
+    demo = webui.create_app(pipe, notice=notice, model_name=name, default_steps=20,
+                            default_guidance=webui.default_guidance_for(name))
     url = webui.launch(demo, "127.0.0.1", free_port(), block=False, quiet=True)
     with tempfile.TemporaryDirectory() as profile:
         options = webdriver.ChromeOptions()

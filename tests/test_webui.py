@@ -351,3 +351,11 @@ def test_limits_validate_themselves():
     with pytest.raises(ValueError, match="max_images_per_request"):
         webui.Limits(max_images_per_request=0)
     assert webui.Limits(max_side=1000).max_pixels == 1_000_000
+
+
+def test_text_guidance_default_follows_the_model(tiny_pipe):
+    assert webui.default_guidance_for("customshift-default") == 2.0  # what the default model was evaluated with
+    assert webui.default_guidance_for("stabilityai/stable-diffusion-3-medium-diffusers") == 7.0
+    demo = webui.create_app(tiny_pipe, default_guidance=2.5)
+    sliders = [c["props"] for c in demo.config["components"] if c["props"].get("label") == "Text guidance scale"]
+    assert [s["value"] for s in sliders] == [2.5]
