@@ -63,7 +63,8 @@ def generate(
     seed: int = 0,
     steps: int = 28,
     shift_scale: float = 1.0,
-    guidance_scale: float = 7.0,
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Text guidance (default: 7, SD3's; 2 for the packaged default model).")] = None,
     reference_guidance_scale: float = 0.0,
     height: int | None = None,
     width: int | None = None,
@@ -87,6 +88,10 @@ def generate(
             if not Path(ref).is_file():
                 raise CustomShiftError(f"reference not found: {ref}")
         jobs = single_jobs([str(Path(r).resolve()) for r in reference], subject, prompt, seed, num_images)
+    if guidance_scale is None:
+        from .default_model import DEFAULT_MODEL_GUIDANCE
+
+        guidance_scale = 7.0 if model else DEFAULT_MODEL_GUIDANCE
     params = GenerationParams(
         steps=steps, guidance_scale=guidance_scale, reference_guidance_scale=reference_guidance_scale,
         shift_scale=shift_scale, height=height, width=width, negative_prompt=negative_prompt,

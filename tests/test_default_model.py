@@ -33,3 +33,5 @@ def test_demo_and_generate_run_on_the_default_model(tmp_path):
                                  "--out", str(tmp_path / "gen")])
     assert result.exit_code == 0, result.output
     assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (64, 64)
+    sidecar = json.loads(next((tmp_path / "gen").glob("*.json")).read_text())
+    assert sidecar["guidance_scale"] == 2.0  # the default model's guidance, not SD3's 7
