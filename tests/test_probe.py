@@ -59,3 +59,4 @@ def test_cli_probe_prints_the_gate_and_writes_json(sprite_sized_folder, tmp_path
     assert result.exit_code == 0, result.output
     assert "same_layout: gate" in result.output
     assert set(json.loads(out.read_text())["same_layout"]) == {"right", "wrong", "none"}
+    assert torch.is_grad_enabled()  # an in-process probe leaves autograd as it found it

@@ -137,7 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--track", default="clean")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     pipe = load_model(args.model)
     results = {}
     for layout in args.layouts:
