@@ -328,15 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         save_partial()
     runs = {}
     for name in args.variants:
-        runs[name] = train_variant(name, args)
-        if name in methods:
+        if name in methods:  # scored in an earlier run with the same settings
             continue
+        runs[name] = train_variant(name, args)
         with torch.no_grad():
             methods[name] = evaluate(load_pipeline_from_checkpoint(runs[name]), out / slug(name), args)
         save_partial()
         print(f"[{name}] clean identity {methods[name]['clean']['identity']:.3f} "
               f"(wrong {methods[name]['clean']['identity_wrong_reference']:.3f})", flush=True)
     if not args.skip_finetune:
+        if "CustomShift" in args.variants and "CustomShift" not in runs:
+            runs["CustomShift"] = train_variant("CustomShift", args)  # reused when already trained
         results["finetune"] = finetune_cost(args, runs.get("CustomShift"))
     import platform
 
