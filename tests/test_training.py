@@ -267,3 +267,21 @@ def test_foreground_weights_mark_the_subject_and_weigh_the_loss(tiny_pipe, tmp_p
     batch = weighted.prepare_batch(groups, torch.Generator().manual_seed(0))
     assert batch["loss_weights"].max() == 5.0 and batch["loss_weights"].min() == 1.0
     assert plain.loss_on(groups, seed=0) != pytest.approx(weighted.loss_on(groups, seed=0), rel=1e-4)
+
+
+def test_a_later_stage_starts_from_saved_customshift_weights(tiny_pipe, tmp_path):
+    first = make_trainer(tiny_pipe, tmp_path / "a", *NO_DROPOUT, "train.learning_rate=1e-2",
+                         "model.customshift.generation_lora_rank=4", "checkpoint.every_steps=0")
+    groups = first.loader.next_batch()
+    for _ in range(3):
+        first.train_step([groups])
+    first.pipe.save_customshift(tmp_path / "weights")
+    saved = first.pipe.customshift_state_dict()
+    second = make_trainer(tiny_pipe, tmp_path / "b", *NO_DROPOUT, "checkpoint.every_steps=0",
+                          f"model.customshift_weights={tmp_path / 'weights'}", "model.customshift={}")
+    loaded = second.pipe.customshift_state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert second.loss_on(groups, seed=0) == pytest.approx(first.loss_on(groups, seed=0), rel=1e-5)
+    with pytest.raises(ConfigError, match="differs from the config saved"):
+        make_trainer(tiny_pipe, tmp_path / "c", f"model.customshift_weights={tmp_path / 'weights'}",
+                     "model.customshift.lora_rank=2")

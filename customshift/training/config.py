@@ -44,6 +44,9 @@ class ModelConfig:
     sprite-domain model, `customshift.tiny.build_sprite_pipeline`, with the stage-1 VAE folder ``vae``
     and ``tiny`` as shape overrides), a local diffusers folder, or a hub id. ``customshift``: fields
     of `CustomShiftConfig` (``lora_rank``, ``generation_lora_rank``, ``beta_init``, ...).
+    ``customshift_weights``: start the adapter from saved CustomShift weights (a folder written by
+    ``save_customshift``, e.g. a run's ``final/customshift``) instead of a fresh one; their own config
+    is used, so ``customshift`` must be empty or say the same.
     ``weight_dtype``: dtype of the frozen weights (``auto``: the mixed-precision dtype for frozen
     weights, fp32 for trained ones).
     """
@@ -54,6 +57,7 @@ class ModelConfig:
     revision: str | None = None
     variant: str | None = None
     customshift: dict[str, Any] = field(default_factory=dict)
+    customshift_weights: str | None = None
     gradient_checkpointing: bool = False
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 

@@ -228,6 +228,14 @@ def setup_model(pipe: Any, config: TrainingConfig) -> None:
     """Build the adapter(s) a run trains on ``pipe`` (seeded, so two runs start from the same weights)."""
     cs = config.customshift_config()
     torch.manual_seed(config.seed)
+    if config.model.customshift_weights:
+        pipe.load_customshift(config.model.customshift_weights)  # a later stage starts from earlier weights
+        saved = pipe.customshift_config.to_dict()
+        given = {k: v for k, v in config.model.customshift.items() if saved.get(k) != v}
+        if given:
+            raise ConfigError(f"model.customshift {given} differs from the config saved with "
+                              f"model.customshift_weights={config.model.customshift_weights}; drop it")
+        return
     pipe.set_customshift_config(cs)
     if cs.generation_lora_rank > 0:
         pipe.add_generation_lora()
