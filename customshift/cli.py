@@ -192,15 +192,20 @@ def evaluate_synthetic(
     reference_guidance_scale: float = 0.0,
     shift_scale: float = 1.0,
     seed: int = 0,
+    layout: Annotated[str, typer.Option("--layout", help="random (the spec), same_size or same_layout.")] = "random",
     device: DeviceOpt = None,
 ) -> None:
     """Score a model on held-out synthetic subjects with the exact metrics (JSON, markdown, grid)."""
     from .eval.synthetic_eval import evaluate_synthetic as run
     from .generate import load_pipeline
+    from .synthetic import LAYOUTS
 
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     pipe = load_pipeline(model, weights, device, "auto")
     summary = run(pipe, out, n=n, tracks=track or ["clean", "distractor"], steps=steps, guidance_scale=guidance_scale,
-                  reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, seed=seed)
+                  reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, seed=seed,
+                  layout=layout)
     typer.echo((out / "summary.md").read_text() if (out / "summary.md").exists() else str(summary))
 
 

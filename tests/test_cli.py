@@ -137,3 +137,20 @@ def test_help_lists_the_commands():
     result = invoke("--help")
     for command in ("generate", "encode", "train", "evaluate", "demo"):
         assert command in result.output
+
+
+def test_evaluate_synthetic_scores_the_layout_asked_for(tiny_folder, tmp_path):
+    out = tmp_path / "eval"
+    args = ["evaluate", "synthetic", "--model", tiny_folder, "--n", "2", "--steps", "1", "--track", "clean",
+            "--device", "cpu"]
+    result = invoke(*args, "--out", out, "--layout", "same_layout")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layout"] == "same_layout" and summary["n"] == 2
+    clean = summary["clean"]
+    assert 0 <= clean["identity"] <= 1 and 0 <= clean["identity_wrong_reference"] <= 1
+    assert (out / "grid-clean.png").is_file() and "| clean |" in result.output
+
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--layout", "sideways"])
+    assert bad.exit_code != 0 and "--layout must be one of random, same_layout, same_size" in bad.output
+    assert not (tmp_path / "bad").exists()

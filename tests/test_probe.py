@@ -60,3 +60,19 @@ def test_cli_probe_prints_the_gate_and_writes_json(sprite_sized_folder, tmp_path
     assert "same_layout: gate" in result.output
     assert set(json.loads(out.read_text())["same_layout"]) == {"right", "wrong", "none"}
     assert torch.is_grad_enabled()  # an in-process probe leaves autograd as it found it
+
+
+def test_a_run_holding_only_its_final_export_loads_with_its_weights(sprite_sized_folder, tmp_path):
+    """A run copied back from another machine keeps just ``final/{pipeline,customshift}``: the probe reads it."""
+    from customshift.eval.probe import load_model
+    from customshift.pipeline import CustomShiftPipeline
+
+    pipe = CustomShiftPipeline.from_pretrained(sprite_sized_folder)
+    pipe.set_customshift_config(CustomShiftConfig(lora_rank=2, cads_shift="mass", beta_init=-3.0))
+    final = tmp_path / "run" / "final"
+    pipe.save_pretrained(final / "pipeline")
+    pipe.save_customshift(final / "customshift")
+    for folder in (tmp_path / "run", final):
+        loaded = load_model(str(folder))
+        assert loaded.reference_branch.config.cads_shift == "mass"
+        assert torch.equal(loaded.reference_branch.shift.beta, pipe.reference_branch.shift.beta)

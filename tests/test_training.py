@@ -232,6 +232,20 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_pipe, t
     assert pipe.reference_branch.config.lora_rank == 4
 
 
+def test_max_minutes_ends_the_run_like_max_steps(tiny_pipe, tmp_path):
+    """A time-boxed run stops at the first step past its limit and still writes its checkpoint and final/."""
+    from customshift.training.trainer import find_checkpoint
+
+    trainer = make_trainer(tiny_pipe, tmp_path, "train.max_steps=50", "train.max_minutes=1e-9",
+                           "checkpoint.every_steps=0")
+    trainer.train()
+    run = tmp_path / "run"
+    assert trainer.step == 1 and find_checkpoint(run).name == "ckpt-0000001"
+    assert json.loads((run / "final" / "info.json").read_text())["step"] == 1
+    with pytest.raises(ConfigError, match="train.max_minutes must be >= 0"):
+        load_config(SMOKE, ["train.max_minutes=-1"])
+
+
 def test_base_mode_full_training_exports_a_loadable_pipeline(tiny_pipe, tmp_path):
     from customshift.pipeline import CustomShiftPipeline
 

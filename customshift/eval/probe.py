@@ -113,7 +113,8 @@ def probe_markdown(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def load_model(path: str) -> Any:
-    """A training run / checkpoint folder, or a model folder (its ``customshift/`` weights if present)."""
+    """A training run / checkpoint folder, a run's ``final/`` export (also a run holding only that, e.g. one
+    copied back from another machine), or a model folder (its ``customshift/`` weights if present)."""
     from pathlib import Path
 
     from ..training.trainer import find_checkpoint, load_pipeline_from_checkpoint
@@ -122,8 +123,12 @@ def load_model(path: str) -> Any:
         return load_pipeline_from_checkpoint(path)
     from ..generate import load_pipeline
 
-    weights = Path(path) / "customshift"
-    return load_pipeline(path, str(weights) if weights.is_dir() else None, device="cpu", dtype="fp32")
+    root = Path(path)
+    if (root / "final" / "pipeline").is_dir():
+        root = root / "final"
+    model = root / "pipeline" if (root / "pipeline" / "model_index.json").is_file() else root
+    weights = root / "customshift"
+    return load_pipeline(str(model), str(weights) if weights.is_dir() else None, device="cpu", dtype="fp32")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

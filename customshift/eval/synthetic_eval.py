@@ -53,13 +53,18 @@ def evaluate_synthetic(
     tracks: list[str] | tuple[str, ...] = ("clean", "distractor"),
     seed: int = 0,
     grid_rows: int = 8,
+    layout: str = "random",
     **generation: Any,
 ) -> dict[str, Any]:
-    """Score ``pipe`` on ``n`` held-out pairs per track; writes summary.json, summary.md and grids."""
+    """Score ``pipe`` on ``n`` held-out pairs per track; writes summary.json, summary.md and grids.
+
+    ``layout`` is the spec's ``random`` (the subject moves and resizes) unless a diagnosis asks for
+    ``same_size`` or ``same_layout`` (the subject keeps its box: identity by copying in place).
+    """
     out_dir = Path(out_dir)
-    summary: dict[str, Any] = {"n": n, "seed": seed, **{k: v for k, v in generation.items()}}
+    summary: dict[str, Any] = {"n": n, "seed": seed, "layout": layout, **{k: v for k, v in generation.items()}}
     for track in tracks:
-        pairs = synthetic.evaluation_split(n=n, track=track)
+        pairs = synthetic.evaluation_split(n=n, track=track, layout=layout)
         images = generate_pairs(pipe, pairs, seed=seed, **generation)
         scores = synthetic.score(images, pairs)
         wrong = generate_pairs(pipe, pairs, synthetic.wrong_references(pairs), seed=seed, **generation)

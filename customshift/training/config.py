@@ -106,6 +106,8 @@ class TrainConfig:
     ``foreground_loss_weight`` weighs the loss on latent pixels whose image pixels differ from the
     target's border colour (the subject, on uniform-background data such as the synthetic domain;
     findings.md: the sprite is a small share of the loss); 1 = the plain loss.
+    ``max_minutes`` ends the run like ``max_steps`` does (checkpoint and ``final/`` export) once this
+    invocation has trained that long, for time-boxed machines; 0 = no limit. ``--resume`` goes on.
     """
 
     trainable: Literal["adapter", "full"] = "adapter"
@@ -131,6 +133,7 @@ class TrainConfig:
     reference_dropout: float = 0.10
     both_dropout: float = 0.05
     foreground_loss_weight: float = 1.0
+    max_minutes: float = 0.0
     log_every: int = 10
 
 
@@ -234,6 +237,8 @@ class TrainingConfig:
                            "train.lr_warmup_steps": t.lr_warmup_steps, "data.padding": d.padding}.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
+        if not (t.max_minutes >= 0 and math.isfinite(t.max_minutes)):
+            raise ConfigError(f"train.max_minutes must be >= 0 (0 = no time limit), got {t.max_minutes}")
         if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
             raise ConfigError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
         drops = (t.prompt_dropout, t.reference_dropout, t.both_dropout)

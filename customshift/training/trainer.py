@@ -658,7 +658,7 @@ class Trainer:
     # The loop
 
     def train(self) -> Path:
-        """Train to ``train.max_steps`` (or until a signal); returns the last checkpoint folder."""
+        """Train to ``train.max_steps`` or ``train.max_minutes`` (or until a signal); returns the last checkpoint."""
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -685,6 +685,10 @@ class Trainer:
                                         window_steps * targets_per_step / elapsed, time.time() - started)
                         window, window_start, window_steps = [], time.time(), 0
                     stop = self._reduce_flag(self._stop.requested is not None)
+                    if not stop and cfg.train.max_minutes and self._reduce_flag(
+                            time.time() - started >= 60 * cfg.train.max_minutes):
+                        logger.info("train.max_minutes=%g reached at step %d", cfg.train.max_minutes, self.step)
+                        break  # like max_steps: the final checkpoint and export follow
                     every = cfg.checkpoint.every_steps
                     if (every and self.step % every == 0) or stop:
                         self.save_checkpoint("signal" if stop else "periodic")
