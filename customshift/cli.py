@@ -148,14 +148,24 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Held-out subjects to show.")] = 8,
     steps: int = 20,
     seed: int = 0,
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Text guidance (default: 2 on the default model, 1 with --model).")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="random (the spec), same_size or same_layout; "
+                                        "other than random, the file is demo-LAYOUT.png.")] = "random",
     device: DeviceOpt = None,
 ) -> None:
     """Write a grid of held-out synthetic subjects: reference | generated | exact target."""
+    from .default_model import DEFAULT_MODEL_GUIDANCE
     from .eval.synthetic_eval import demo_grid
     from .generate import load_pipeline
+    from .synthetic import LAYOUTS
 
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if guidance_scale is None:
+        guidance_scale = DEFAULT_MODEL_GUIDANCE if model is None else 1.0
     pipe = load_pipeline(model, weights, device, "auto")
-    path = demo_grid(pipe, out, n=n, steps=steps, seed=seed)
+    path = demo_grid(pipe, out, n=n, steps=steps, seed=seed, guidance_scale=guidance_scale, layout=layout)
     typer.echo(f"wrote {path}")
 
 

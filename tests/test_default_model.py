@@ -35,3 +35,24 @@ def test_demo_and_generate_run_on_the_default_model(tmp_path):
     assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (64, 64)
     sidecar = json.loads(next((tmp_path / "gen").glob("*.json")).read_text())
     assert sidecar["guidance_scale"] == 2.0  # the default model's guidance, not SD3's 7
+
+
+def test_demo_shows_the_layout_asked_for(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--n", "1", "--steps", "1",
+                                      "--layout", "same_layout"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo-same_layout.png").is_file() and not (tmp_path / "demo.png").exists()
+
+
+def test_the_shipped_model_reads_its_reference():
+    """Held-out subjects that keep their place: the right reference recovers far more cells than a wrong one."""
+    import torch
+
+    from customshift import synthetic
+    from customshift.eval.probe import colour_recovery
+
+    torch.manual_seed(0)
+    pairs = synthetic.evaluation_split(n=8, layout="same_layout")
+    result = colour_recovery(load_default_pipeline(), pairs, (0.7,))
+    assert result["right"]["0.7"] > result["wrong"]["0.7"] + 0.15
+    assert result["right"]["0.7"] > result["none"]["0.7"] + 0.15

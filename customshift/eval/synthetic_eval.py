@@ -94,12 +94,14 @@ def summary_markdown(summary: dict[str, Any], tracks) -> str:
     return "\n".join(lines) + "\n"
 
 
-def demo_grid(pipe, out_dir: str | Path, *, n: int = 8, steps: int = 20, seed: int = 0) -> Path:
-    """reference | generated | exact target for ``n`` held-out subjects, as one PNG."""
-    pairs = synthetic.evaluation_split(n=n, track="clean")
-    images = generate_pairs(pipe, pairs, steps=steps, seed=seed)
+def demo_grid(pipe, out_dir: str | Path, *, n: int = 8, steps: int = 20, seed: int = 0, guidance_scale: float = 1.0,
+              layout: str = "random") -> Path:
+    """reference | generated | exact target for ``n`` held-out subjects, as one PNG (``demo.png``, or
+    ``demo-LAYOUT.png`` for a layout other than the spec's random one)."""
+    pairs = synthetic.evaluation_split(n=n, track="clean", layout=layout)
+    images = generate_pairs(pipe, pairs, steps=steps, seed=seed, guidance_scale=guidance_scale)
     grid = synthetic.make_grid([[p.reference, g, p.target] for p, g in zip(pairs, images, strict=True)],
                                labels=["reference", "generated", "target"])
-    path = Path(out_dir) / "demo.png"
+    path = Path(out_dir) / ("demo.png" if layout == "random" else f"demo-{layout}.png")
     atomic_save_image(grid, path)
     return path
