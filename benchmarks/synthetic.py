@@ -52,11 +52,33 @@ def _value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+def base_digest(base: str | Path) -> str:
+    """A short digest of the base transformer's weights: rows and runs are reused only on the same base."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(Path(base).glob("transformer/*.safetensors"))
+    if not files:
+        raise SystemExit(f"--base {base} has no transformer/*.safetensors; pass an SD3 pipeline folder")
+    for file in files:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def train_variant(name: str, args: argparse.Namespace) -> Path:
     """Train (or finish, or reuse) one variant; returns its run folder."""
+    from customshift.io import atomic_write_text
     from customshift.training.trainer import find_checkpoint
 
     run = Path(args.runs) / slug(name)
+    marker, digest = run / "base.sha256", base_digest(args.base)
+    if find_checkpoint(run) is not None and (not marker.exists() or marker.read_text().strip() != digest):
+        raise SystemExit(f"{run} was trained on another base than {args.base} (or before bases were recorded); "
+                         "pass a new --runs folder, or delete that run to retrain it")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, digest + "\n")
     overrides = [f"output_dir={run}", f"train.max_steps={args.steps}", f"model.pretrained={args.base}"]
     overrides += [f"model.customshift.{k}={_value(v)}" for k, v in VARIANTS[name].items()]
     overrides += list(args.overrides)
@@ -306,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("steps", "n", "sampling_steps", "guidance_scale")}
     base = Path(args.base).resolve()
     settings["base"] = str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base)
+    settings["base_sha256"] = base_digest(base)  # the same folder may hold another model later
     results: dict[str, Any] = {"methods": {}, "settings": settings}
     for saved in (partial, summary):  # rows of an earlier run with the same settings are reused
         if saved.exists():

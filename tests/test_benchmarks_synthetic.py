@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +67,13 @@ def test_benchmark_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
     text = page.read_text()
     assert text.startswith("# Title\n\nanalysis written by hand") and text.count("synthetic:table:begin") == 1
     assert (tmp_path / "figure.png").is_file()
+    # Another model saved into the same base folder: runs trained on the old one are not reused.
+    from safetensors.torch import load_file, save_file
+
+    weights = next((base / "transformer").glob("*.safetensors"))
+    state = load_file(str(weights))
+    first = next(iter(state))
+    state[first] = state[first] + 1
+    save_file(state, str(weights))
+    with pytest.raises(SystemExit, match="trained on another base"):
+        bench.main([*args[:cut], "--skip-finetune", *args[cut:]])
