@@ -299,3 +299,24 @@ def test_a_later_stage_starts_from_saved_customshift_weights(tiny_pipe, tmp_path
     with pytest.raises(ConfigError, match="differs from the config saved"):
         make_trainer(tiny_pipe, tmp_path / "c", f"model.customshift_weights={tmp_path / 'weights'}",
                      "model.customshift.lora_rank=2")
+
+
+@pytest.mark.parametrize("size", [1, 64])
+def test_prompt_cache_gives_the_same_batch_and_skips_the_text_encoders(tiny_pipe, tmp_path, monkeypatch, size):
+    plain = make_trainer(tiny_pipe, tmp_path / "a", "checkpoint.every_steps=0")
+    cached = make_trainer(tiny_pipe, tmp_path / "b", "checkpoint.every_steps=0", f"data.prompt_cache_size={size}")
+    groups = plain.loader.next_batch()
+    expected = plain.prepare_batch(groups, torch.Generator().manual_seed(0))
+    calls = []
+    encode = cached.pipe.encode_prompt
+    monkeypatch.setattr(cached.pipe, "encode_prompt", lambda **kw: calls.append(kw["prompt"]) or encode(**kw))
+    for _ in range(2):  # the second time every prompt is known (when the cache holds a batch)
+        batch = cached.prepare_batch(groups, torch.Generator().manual_seed(0))
+        for key in ("prompt_embeds", "pooled_embeds", "subject_weights"):
+            torch.testing.assert_close(batch[key], expected[key], rtol=1e-5, atol=1e-6)
+    calls = [c for c in calls if isinstance(c, list)]  # (subject names are encoded, and cached, apart)
+    prompts = len(set(batch["prompts"]))
+    if size >= prompts:
+        assert len(calls) == 1 and sorted(calls[0]) == sorted(set(batch["prompts"]))
+    else:  # smaller than a batch: still right, by encoding the batch again
+        assert len(cached._prompt_cache) <= size and len(calls) >= 2

@@ -71,7 +71,10 @@ class DataConfig:
     references per process and micro-step; each reference has ``targets_per_reference`` targets
     (synthetic; the others have one target per reference). ``curriculum`` (synthetic): a list of
     ``{until_step: N, layout: ..., track: ...}`` stages, the first whose ``until_step`` is above the
-    current step wins, after the last one ``layout``/``track`` apply.
+    current step wins, after the last one ``layout``/``track`` apply. ``prompt_cache_size``: how many
+    prompts' text embeddings (from the frozen text encoders) and subject-token weights to keep between
+    steps, least recently used out first; 0 = encode every step. Worth it where prompts repeat (the
+    synthetic domain has a few hundred): tokenising and encoding them was most of a GPU step's time.
     """
 
     kind: Literal["synthetic", "manifest", "subjects200k"] = "synthetic"
@@ -83,6 +86,7 @@ class DataConfig:
     shuffle: bool = True
     max_sequence_length: int = 77
     max_skip_fraction: float = 0.5
+    prompt_cache_size: int = 0
     # synthetic
     track: str | dict[str, float] = "clean"
     layout: str | dict[str, float] = "random"
@@ -232,7 +236,8 @@ class TrainingConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
-        for key, value in {"data.num_workers": d.num_workers, "checkpoint.every_steps": self.checkpoint.every_steps,
+        for key, value in {"data.num_workers": d.num_workers, "data.prompt_cache_size": d.prompt_cache_size,
+                           "checkpoint.every_steps": self.checkpoint.every_steps,
                            "validation.every_steps": self.validation.every_steps,
                            "train.lr_warmup_steps": t.lr_warmup_steps, "data.padding": d.padding}.items():
             if value < 0:

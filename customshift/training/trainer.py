@@ -33,7 +33,8 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,7 @@ class Trainer:
         self.num_train_timesteps = int(table.config.num_train_timesteps)
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + 7919 * self.rank + 1)
         self._subject_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._prompt_cache: OrderedDict[Any, Any] = OrderedDict()  # data.prompt_cache_size
         self._warned_no_subject = False
 
         # --- data ------------------------------------------------------------------------------------
@@ -531,10 +533,7 @@ class Trainer:
 
         batch: dict[str, Any] = {}
         batch["target_latents"] = pipe.prepare_reference_latents(targets, self.resolution, self.resolution).float()
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, device=device,
-            max_sequence_length=self.config.data.max_sequence_length,
-        )
+        embeds, pooled = self._encode_texts(texts)
         batch["prompt_embeds"], batch["pooled_embeds"] = embeds, pooled
         if self.use_reference:
             batch["reference_latents"] = pipe.prepare_reference_latents(
@@ -566,14 +565,54 @@ class Trainer:
         batch["prompts"] = texts
         return batch
 
+    def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per key, kept in an LRU of ``data.prompt_cache_size`` entries (0: never kept)."""
+        size = self.config.data.prompt_cache_size
+        if size <= 0:
+            return make()
+        if key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
+            return self._prompt_cache[key]
+        value = self._prompt_cache[key] = make()
+        while len(self._prompt_cache) > size:
+            self._prompt_cache.popitem(last=False)
+        return value
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(N, L, D) prompt embeddings and (N, P) pooled ones of the frozen text encoders, cached per prompt."""
+        def encode(batch: Sequence[str]) -> tuple[Tensor, Tensor]:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(batch), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                device=self.device, max_sequence_length=self.config.data.max_sequence_length)
+            return embeds, pooled
+
+        if self.config.data.prompt_cache_size <= 0:
+            return encode(texts)
+        missing = [t for t in dict.fromkeys(texts) if ("text", t) not in self._prompt_cache]
+        if missing:  # new prompts are encoded together, then kept one by one
+            embeds, pooled = encode(missing)
+            for i, text in enumerate(missing):
+                self._cached(("text", text), lambda i=i: (embeds[i], pooled[i]))
+        rows = []
+        for text in texts:
+            row = self._prompt_cache.get(("text", text))
+            if row is None:  # evicted within this batch: the cache is smaller than a batch's prompts
+                return encode(texts)
+            self._prompt_cache.move_to_end(("text", text))
+            rows.append(row)
+        return torch.stack([e for e, _ in rows]), torch.stack([p for _, p in rows])
+
     def _subject_weights(self, texts: Sequence[str], subjects: Sequence[str], length: int) -> Tensor:
         """Where each target's subject sits in its prompt; the pipeline's per-prompt warning becomes one note."""
         pipe_logger = logging.getLogger("customshift.pipeline")
         level = pipe_logger.level
         pipe_logger.setLevel(logging.ERROR)
         try:
-            rows = [self.pipe.subject_token_weights([text], subject, length) for text, subject in
-                    zip(texts, subjects, strict=True)]
+            rows = [self._cached(("subject", text, subject, length),
+                                 lambda text=text, subject=subject: self.pipe.subject_token_weights(
+                                     [text], subject, length))
+                    for text, subject in zip(texts, subjects, strict=True)]
         finally:
             pipe_logger.setLevel(level)
         weights = torch.cat(rows)
