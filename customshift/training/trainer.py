@@ -1159,13 +1159,11 @@ def foreground_weights(images: Sequence[Any], resolution: int, size: tuple[int, 
     from ..images import prepare_reference
     from ..synthetic import FAR_THRESHOLD
 
-    masks = []
-    for image in images:
-        arr = np.asarray(prepare_reference(image, resolution, resolution).convert("RGB"), dtype=np.int64)
-        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-        far = np.abs(arr - np.median(border, axis=0)).max(axis=2) > FAR_THRESHOLD
-        masks.append(torch.from_numpy(far).float())
-    mask = torch.nn.functional.adaptive_max_pool2d(torch.stack(masks)[:, None], tuple(size))
+    arr = np.stack([np.asarray(prepare_reference(image, resolution, resolution).convert("RGB"), dtype=np.int16)
+                    for image in images])  # (N, H, W, 3), all images at once
+    border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=1)  # (N, 4 sides, 3)
+    far = np.abs(arr - np.median(border, axis=1)[:, None, None]).max(axis=3) > FAR_THRESHOLD
+    mask = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(far).float()[:, None], tuple(size))
     return 1.0 + (float(weight) - 1.0) * mask
 
 
