@@ -1,6 +1,6 @@
 """Package a training run as the default model shipped in the package (customshift/assets/default-model).
 
-    python scripts/package_default_model.py runs/default/stage3-gpu [--dest customshift/assets/default-model]
+    python scripts/package_default_model.py runs/default/stage4-v3 [--dest customshift/assets/default-model]
 
 The run is read from its latest checkpoint (EMA weights), or from its ``final/`` export when that is all
 it holds (a run copied back from a GPU machine). Writes the whole pipeline (transformer and VAE in fp16 to
@@ -26,7 +26,7 @@ from customshift.training.trainer import find_checkpoint, load_pipeline_from_che
 
 DEFAULT_RECIPE = (
     "scripts/train_default_model.sh (stage 1: customshift.training.vae; stage 2: configs/default-model-v2.yaml; "
-    "stage 3: configs/default-model-v3-gpu.yaml, one GPU)"
+    "stage 3: configs/default-model-v3-gpu.yaml, one GPU; stage 4: configs/default-model-v3-stage4.yaml)"
 )
 
 
