@@ -21,7 +21,9 @@ def test_benchmark_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     base = tmp_path / "base"
-    build_tiny_pipeline("sd3", sample_size=32).save_pretrained(str(base))  # 64 px images, as the spec
+    model = build_tiny_pipeline("sd3", sample_size=32)  # 64 px images, as the spec
+    model.save_pretrained(str(base))
+    model.save_customshift(base / "customshift")  # the base's own weights: scored as they are, one row
     out, runs = tmp_path / "out", tmp_path / "runs"
     args = [
         "--base", str(base), "--steps", "2", "--n", "2", "--runs", str(runs), "--out", str(out),
@@ -37,7 +39,8 @@ def test_benchmark_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     summary = json.loads((out / "summary.json").read_text())
     methods = summary["methods"]
-    assert set(methods) == {"copy the reference", "text only", "CustomShift", "naive concatenation"}
+    assert set(methods) == {"copy the reference", "text only", bench.SHIPPED, "CustomShift", "naive concatenation"}
+    assert set(methods[bench.SHIPPED]["probe"]) == {"right", "wrong", "none"}
     # Copying the reference is exact where the target keeps the reference's layout, never perfect overall.
     assert methods["copy the reference"]["clean"]["identity"] > 0
     for name in ("CustomShift", "naive concatenation"):
@@ -67,6 +70,14 @@ def test_benchmark_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
     text = page.read_text()
     assert text.startswith("# Title\n\nanalysis written by hand") and text.count("synthetic:table:begin") == 1
     assert (tmp_path / "figure.png").is_file()
+    # An unfinished run (only partial.json, e.g. a session that ended mid-benchmark) can be reported too.
+    (out / "summary.json").rename(out / "partial.json")
+    page.unlink()
+    assert bench.main([*args[:cut], "--report-only"]) == 0
+    assert f"| {bench.SHIPPED} |" in page.read_text()
+    (out / "partial.json").unlink()
+    with pytest.raises(SystemExit, match="no results"):
+        bench.main([*args[:cut], "--report-only"])
     # Another model saved into the same base folder: runs trained on the old one are not reused.
     from safetensors.torch import load_file, save_file
 
