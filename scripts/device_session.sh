@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# A lent GPU session in one command. The device image has a CUDA torch but no diffusers, and nothing can be
+# downloaded there, so the diffusers wheel travels with the working tree in the git-ignored .gpu/whl:
+#
+#   mkdir -p .gpu/whl && pip download --no-deps --only-binary=:all: diffusers==0.42.1 -d .gpu/whl
+#
+# then, through the device tool (carry [".gpu"]; the tool sets $OUT, whose files come back):
+#
+#   bash scripts/device_session.sh train 7 [KEY=VALUE ...]   # stage 5 of the default model for 7 minutes
+#   bash scripts/device_session.sh matrix 300                # the speed matrix (issue 7) within 300 s
+#   bash scripts/device_session.sh both 6 240                # both, training first
+#
+# What comes back: $OUT/stage5-gpu.tar.* (the run's final/, train_log.csv and config.yaml, in 15 MB parts:
+# restore here with `cat FILES/stage5-gpu.tar.* | tar -x`, which recreates runs/default/stage5-gpu), and
+# $OUT/speed-gpu.json, $OUT/speed.md (copy both into docs/) with $OUT/speed-gpu-logs.tar.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device-out}
+mkdir -p "$OUT"
+PY=$(command -v python3 || command -v python)
+if ! "$PY" -c "import diffusers" 2>/dev/null; then
+    wheels=(.gpu/whl/*.whl)
+    [[ -f ${wheels[0]} ]] || { echo "no diffusers here and no wheel in .gpu/whl (see the top of $0)" >&2; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" || exit 2
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+RUN=${RUN:-runs/default/stage5-gpu}
+
+train() {  # train MINUTES [KEY=VALUE ...]
+    local minutes=$1; shift
+    echo "== stage 5 for $minutes min" >&2
+    "$PY" -m customshift.training.trainer configs/default-model-v4-gpu.yaml \
+        --set "train.max_minutes=$minutes" "output_dir=$RUN" "$@" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30
+    local rc=${PIPESTATUS[0]}
+    if [[ ! -d $RUN/final ]]; then echo "training ended (rc=$rc) without $RUN/final" >&2; return 1; fi
+    local keep=("$RUN/final")
+    for file in "$RUN/train_log.csv" "$RUN/config.yaml" "$RUN/train.log"; do [[ -f $file ]] && keep+=("$file"); done
+    tar -cf - "${keep[@]}" | split -b 15M - "$OUT/stage5-gpu.tar."
+    [[ -f $RUN/train_log.csv ]] && tail -2 "$RUN/train_log.csv" >&2
+    echo "== stage 5: rc=$rc, $(ls "$OUT"/stage5-gpu.tar.* | wc -l) parts in $OUT" >&2
+}
+
+matrix() {  # matrix SECONDS
+    PYTHON=$PY BUDGET_S=$1 OUT_DIR=$OUT bash benchmarks/gpu_matrix.sh
+    local rc=$?
+    if [[ -d $OUT/speed-gpu-logs ]]; then
+        tar -C "$OUT" -cf "$OUT/speed-gpu-logs.tar" speed-gpu-logs && rm -rf "$OUT/speed-gpu-logs"
+    fi
+    return $rc
+}
+
+case ${1:-} in
+    train) shift; train "$@" ;;
+    matrix) matrix "${2:?seconds}" ;;
+    both) train "${2:?minutes}"; matrix "${3:?seconds}" ;;
+    *) echo "usage: $0 train MINUTES [KEY=VALUE ...] | matrix SECONDS | both MINUTES SECONDS" >&2; exit 2 ;;
+esac
