@@ -94,6 +94,7 @@ class Options:
     guidance_scale: float = 7.0
     device: str = "auto"
     dtype: str = "auto"
+    reference_dtype: str = "auto"  # precision of (b)'s cached reference K/V ("auto": the model's)
     threads: int | None = None
     compile: bool = False
     seed: int = 0
@@ -481,6 +482,11 @@ def finetune_to_threshold(tuner: LoraTuner, opts: Options) -> dict[str, Any]:
 # Transformer level: the published architectures with random weights
 
 
+def reference_dtype(opts: Options, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype (b) and (c') keep the reference K/V in."""
+    return model_dtype if opts.reference_dtype == "auto" else DTYPES[opts.reference_dtype]
+
+
 def resolve_device(opts: Options) -> tuple[torch.device, torch.dtype]:
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if opts.device == "auto" else opts.device))
@@ -614,8 +620,12 @@ def _bench_transformer_config(
             pooled_projections=pooled, joint_attention_kwargs=kwargs, return_dict=False,
         )[0]
 
+    kv_dtype = reference_dtype(opts, dtype)
+
     def encode() -> Any:
         keys, values = CustomShiftPipeline._run_reference_branch(shim, inputs)
+        keys = {name: key.to(kv_dtype) for name, key in keys.items()}
+        values = {name: value.to(kv_dtype) for name, value in values.items()}
         return CustomShiftPipeline.cads_state(shim, keys, values, log_scale, weights)
 
     def timed(body: Callable[[], Any]) -> float:
@@ -696,6 +706,7 @@ def _bench_transformer_config(
         "seconds_per_image_is": f"extrapolated: {opts.steps} x median seconds per step (transformer only)",
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
+        "reference_dtype": str(kv_dtype).replace("torch.", ""),
         "compile": opts.compile,
         "branch_lora_rank": opts.branch_lora_rank,
         "reference_cache_bytes": cache_bytes,
@@ -873,7 +884,8 @@ def bench_pipeline(
     def run_encode() -> dict[str, float]:
         synchronize(device)
         start = time.perf_counter()
-        holder["subject"] = pipe.encode_subject(image, SUBJECT, height=reference, width=reference)
+        holder["subject"] = pipe.encode_subject(image, SUBJECT, height=reference, width=reference,
+                                                dtype=reference_dtype(opts, transformer.dtype))
         synchronize(device)
         return {"seconds": time.perf_counter() - start}
 
@@ -913,6 +925,7 @@ def bench_pipeline(
         "seconds_per_image_is": "measured: the whole pipeline call (text encoders, denoising loop, VAE decode, PIL)",
         "device": str(device),
         "dtype": str(transformer.dtype).replace("torch.", ""),
+        "reference_dtype": str(next(iter(holder["subject"].keys.values())).dtype).replace("torch.", ""),
         "compile": False,
         "branch_lora_rank": pipe.customshift_config.lora_rank,
         "reference_cache_bytes": sum(t.numel() * t.element_size() for d in (holder["subject"].keys,
@@ -1054,6 +1067,16 @@ def _fmt_ratio(value: float | None, flops: float | None = None) -> str:
     return f"{value:.2f}" + (f" ({flops:.2f})" if flops is not None else "")
 
 
+def _kv_note(result: dict[str, Any]) -> str:
+    """``", K/V bfloat16"`` where the reference cache's precision differs from the model's, else ``""``."""
+    kv = result.get("reference_dtype")
+    return f", K/V {kv}" if kv and kv != result["dtype"] else ""
+
+
+def _fmt_dtype(result: dict[str, Any]) -> str:
+    return result["dtype"] + _kv_note(result)
+
+
 def _fmt_bytes(value: int | None) -> str:
     if value is None:
         return "-"
@@ -1084,7 +1107,7 @@ def render_markdown(document: dict[str, Any]) -> str:
     for r in results:
         m, f = r["methods"], r["flops"]
         lines.append(
-            f"| {r['level']} | {r['size']} | {r['dtype']}{' compiled' if r.get('compile') else ''} "
+            f"| {r['level']} | {r['size']} | {_fmt_dtype(r)}{' compiled' if r.get('compile') else ''} "
             f"| {r['resolution']}² | {r['reference']}² "
             f"| {_fmt_time(m['plain']['seconds_per_image'])} | {_fmt_time(m['customshift']['seconds_per_image'])} "
             f"| {_fmt_time(m['concat']['seconds_per_image'])} | {_fmt_time(m['recompute']['seconds_per_image'])} "
@@ -1122,6 +1145,7 @@ def render_markdown(document: dict[str, Any]) -> str:
         else:
             to_threshold = "-"
         cache = _fmt_bytes(r.get("reference_cache_bytes")) if r.get("reference_cache_bytes") else "-"
+        cache += f" ({r['reference_dtype']})" if _kv_note(r) else ""
         lines.append(
             f"| {r['level']} | {r['size']} | {r['resolution']}² | {r['reference']}² | {cell(mem['plain'])} "
             f"| {cell(mem['customshift'])} | {_fmt_ratio(r['memory_ratio'])} | {cell(mem['concat'])} | {cache} "
@@ -1132,8 +1156,8 @@ def render_markdown(document: dict[str, Any]) -> str:
         for name, t in r["targets"].items():
             status = "n/a" if t["met"] is None else ("**met**" if t["met"] else "**NOT met**")
             value = "-" if t["value"] is None else f"{t['value']:.3f}"
-            lines.append(f"- {r['level']} {r['size']} {r['resolution']}²/{r['reference']}²: {name} = {value} "
-                         f"({t['kind']} {t['limit']}): {status}")
+            where = f"{r['level']} {r['size']} {r['resolution']}²/{r['reference']}²{_kv_note(r)}"
+            lines.append(f"- {where}: {name} = {value} ({t['kind']} {t['limit']}): {status}")
     return "\n".join(lines) + "\n"
 
 
@@ -1192,6 +1216,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, default=7.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    parser.add_argument("--reference-dtype", choices=["auto", *DTYPES], default="auto",
+                        help="precision of (b)'s cached reference K/V (auto: the model's; bf16 on a fp32 model "
+                        "computes the reference attention in bf16)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     parser.add_argument("--seed", type=int, default=0)
@@ -1217,7 +1244,8 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(
         runs=args.runs, warmup=args.warmup, step_runs=args.step_runs, step_warmup=args.step_warmup,
         steps=args.steps, guidance_scale=args.guidance_scale, device=args.device, dtype=args.dtype,
-        threads=args.threads, compile=args.compile, seed=args.seed, branch_lora_rank=args.branch_lora_rank,
+        reference_dtype=args.reference_dtype, threads=args.threads, compile=args.compile, seed=args.seed,
+        branch_lora_rank=args.branch_lora_rank,
         lora_rank=args.lora_rank, finetune_threshold=args.finetune_threshold, finetune_lr=args.finetune_lr,
         finetune_max_steps=args.finetune_max_steps, finetune_eval_every=args.finetune_eval_every,
         finetune_steps_assumed=args.finetune_steps_assumed,

@@ -192,19 +192,22 @@ def cads_attention(
 
     Args:
         query, key, value: (B, H, N, d) for the joint [image; text] sequence (or image only).
-        ref_key, ref_value: (1 or B, H, R, d); expanded, never copied, to the batch.
+        ref_key, ref_value: (1 or B, H, R, d); expanded, never copied, to the batch. When they are stored in
+            a lower precision than the queries (a bf16 cache on a float32 model), the attention over them
+            is computed in theirs.
         shift: (B, N_image) shift beta_i of each image query (float32; -inf = no reference).
         num_image_tokens: the image queries come first in the sequence.
         text_queries_attend_reference: text queries get logit shift 0 (plain union) instead of -inf.
         mass: ``shift`` is the log-odds of the image queries' reference mass, not a logit shift.
     """
     batch, heads = query.shape[:2]
-    ref_key = ref_key.to(query.dtype).expand(batch, heads, -1, -1)
-    ref_value = ref_value.to(query.dtype).expand(batch, heads, -1, -1)
+    ref_key = ref_key.expand(batch, heads, -1, -1)
+    ref_value = ref_value.expand(batch, heads, -1, -1)
     num_text = query.shape[2] - num_image_tokens
     if text_queries_attend_reference and num_text:
         shift = torch.cat([shift, shift.new_zeros(batch, num_text)], dim=1)
     if form == "mask":
+        ref_key, ref_value = ref_key.to(query.dtype), ref_value.to(query.dtype)
         return _cads_masked(query, key, value, ref_key, ref_value, shift, num_image_tokens if mass else 0)
     if form != "split":
         raise ValueError(f"unknown CADS form {form!r}; use 'split' or 'mask'")
@@ -212,11 +215,13 @@ def cads_attention(
     if mass and attending == num_image_tokens:
         # The mass is sigmoid(beta_i) itself: no log-sum-exp needed, two plain fused attentions.
         base_out = F.scaled_dot_product_attention(query, key, value)
-        ref_out = F.scaled_dot_product_attention(query[:, :, :attending], ref_key, ref_value)
+        ref_query = query[:, :, :attending].to(ref_key.dtype)
+        ref_out = F.scaled_dot_product_attention(ref_query, ref_key, ref_value).to(query.dtype)
         logits = shift[:, None, :]
     else:
         base_out, base_lse = attention_with_lse(query, key, value)
-        ref_out, ref_lse = attention_with_lse(query[:, :, :attending], ref_key, ref_value)
+        ref_out, ref_lse = attention_with_lse(query[:, :, :attending].to(ref_key.dtype), ref_key, ref_value)
+        ref_out = ref_out.to(query.dtype)
         logits = ref_lse - base_lse[:, :, :attending] + shift[:, None, :]
         if mass:  # the image queries' mass is sigmoid(beta_i) itself; text queries keep the plain union
             logits = torch.cat([shift[:, None, :num_image_tokens].expand(-1, heads, -1),

@@ -33,6 +33,7 @@ class GenerationParams:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    reference_dtype: str | None = None  # precision of the cached reference K/V (None: the model's)
 
 
 @dataclass
@@ -125,20 +126,26 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
     return jobs
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None, option: str = "--dtype") -> torch.dtype | None:
+    """``"bf16"`` -> torch.bfloat16; None or ``"auto"`` -> None (the caller's default)."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise CustomShiftError(f"unknown {option} {name!r}; use auto, fp32, fp16 or bf16")
+    return DTYPES[name]
+
+
 def load_pipeline(model: str | None, weights: str | None, device: str | None = None, dtype: str | None = "auto"):
     """The pipeline for ``--model`` (default: the packaged default model) with ``--weights`` loaded."""
     from .default_model import default_model_path, default_weights_path
     from .pipeline import CustomShiftPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype in (None, "auto"):
-        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    elif dtype in dtypes:
-        torch_dtype = dtypes[dtype]
-    else:
-        raise CustomShiftError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
+    torch_dtype = parse_dtype(dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = model or str(default_model_path())
     try:
         pipe = CustomShiftPipeline.from_pretrained(source, torch_dtype=torch_dtype)
@@ -182,14 +189,16 @@ def run_jobs(
     subjects: dict[tuple[tuple[str, ...], str], Any] = {}
     pipe.set_progress_bar_config(leave=False, position=1, disable=not progress)
     source = getattr(pipe, "_customshift_source", {})
+    reference_dtype = parse_dtype(params.reference_dtype, "--reference-dtype")
     bar = tqdm(todo, desc="images", unit="img", disable=not progress)
     for job in bar:
         key = (tuple(job.references), job.subject)
         if key not in subjects:
             if len(job.references) == 1 and job.references[0].endswith(".safetensors"):
-                subjects[key] = SubjectEmbedding.load(job.references[0]).to(pipe.device)
+                subjects[key] = SubjectEmbedding.load(job.references[0]).to(pipe.device, reference_dtype)
             else:
-                subjects[key] = pipe.encode_subject(job.references, job.subject, params.height, params.width)
+                subjects[key] = pipe.encode_subject(job.references, job.subject, params.height, params.width,
+                                                    dtype=reference_dtype)
         image = pipe(
             prompt=job.prompt,
             subject=subjects[key],
@@ -248,4 +257,6 @@ def _reproduce_command(job: Job, params: GenerationParams, source: dict[str, Any
         parts += ["--width", str(params.width)]
     if params.negative_prompt:
         parts += ["--negative-prompt", params.negative_prompt]
+    if params.reference_dtype not in (None, "auto"):
+        parts += ["--reference-dtype", params.reference_dtype]
     return shlex.join(parts + ["--out", "OUT"])

@@ -225,6 +225,7 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         subject: str,
         height: int | None = None,
         width: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> SubjectEmbedding:
         """Run the Reference-Alignment Branch once for a subject.
 
@@ -233,6 +234,9 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
                 same subject contribute their keys side by side.
             subject: the subject's name as it appears in prompts ("dog", "red backpack").
             height, width: the size the references are resized to (default: the model's default size).
+            dtype: precision of the cached keys/values (default: the transformer's). A lower one than the
+                model's (``torch.bfloat16`` on a float32 model) halves the cache and computes the attention
+                over the reference in that precision: about twice as fast on CPUs with bf16 matrix units.
         """
         from .images import load_image
 
@@ -255,6 +259,11 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             "subject_pooled": pooled.to(self.transformer.dtype).expand(len(pil), -1),
         }
         keys, values = self._run_reference_branch(inputs)
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+            keys = {name: key.to(dtype) for name, key in keys.items()}
+            values = {name: value.to(dtype) for name, value in values.items()}
         return SubjectEmbedding(
             keys=keys,
             values=values,
@@ -325,11 +334,15 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         """The per-forward CADS inputs; ``trainable=True`` keeps the graph to beta/gamma (training)."""
         config, shift = self.customshift_config, self.reference_branch.shift
         device, dtype = self.transformer.device, self.transformer.dtype
+        # A cache stored in lower precision than the model's stays in it (``encode_subject(dtype=...)``).
+        kv_dtype = next(iter(keys.values())).dtype if keys else dtype
+        if kv_dtype.itemsize >= dtype.itemsize:
+            kv_dtype = dtype
         beta = shift.beta if trainable else shift.beta.detach()
         gamma = shift.gamma if trainable else shift.gamma.detach()
         return CADSState(
-            keys={n: k.to(device, dtype) for n, k in keys.items()},
-            values={n: v.to(device, dtype) for n, v in values.items()},
+            keys={n: k.to(device, kv_dtype) for n, k in keys.items()},
+            values={n: v.to(device, kv_dtype) for n, v in values.items()},
             beta={n: beta[i].to(device) for n, i in shift.index.items()},
             gamma={n: gamma[i].to(device) for n, i in shift.index.items()},
             log_scale=log_scale.to(device),

@@ -105,6 +105,21 @@ def test_large_shift_attends_to_reference_only():
     torch.testing.assert_close(out, ref_only.expand_as(out), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mass", [False, True])
+def test_low_precision_reference_cache_computes_its_attention_in_that_precision(mass):
+    """A bf16 K/V cache on float32 queries: float32 out, equal to the float32 cache up to bf16 rounding,
+    and equal to running the reference attention on bf16-rounded queries (the precision is the cache's)."""
+    q, k, v, rk, rv = _qkv(n=40, r=25, seed=9)
+    shift = torch.randn(2, 30)
+    full = cads_attention(q, k, v, rk, rv, shift, 30, mass=mass)
+    half = cads_attention(q, k, v, rk.bfloat16(), rv.bfloat16(), shift, 30, mass=mass)
+    assert half.dtype == torch.float32
+    assert not torch.equal(half, full)
+    torch.testing.assert_close(half, full, atol=3e-2, rtol=0)
+    # The base keys' part (text queries) is untouched by the cache's precision.
+    assert torch.equal(half[:, :, 30:], full[:, :, 30:])
+
+
 def test_attention_with_lse_fused_and_explicit_agree():
     q, k, v, _, _ = _qkv(n=33)
     out, lse = attention_with_lse(q, k, v)

@@ -3,6 +3,7 @@ against FLOPs counted by PyTorch. Fast: no test here times anything meaningful."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -139,6 +140,15 @@ def test_transformer_level_smoke(tmp_path: Path) -> None:
     document = {"command": "x", "machine": speed.machine_info(torch.device("cpu")), "results": results}
     text = speed.render_markdown(document)
     assert text.count("| transformer | toy |") == 4 and "Targets:" in text
+
+
+def test_low_precision_reference_cache_is_measured_and_labelled() -> None:
+    opts = dataclasses.replace(FAST, reference_dtype="bf16", finetune=False)
+    (result,) = speed.bench_transformer(flops.ARCHS["toy"], [(32, 32)], opts)
+    assert (result["dtype"], result["reference_dtype"]) == ("float32", "bfloat16")
+    assert result["reference_cache_bytes"] == 2 * 2 * 2 * result["reference_tokens"] * 16 * 2  # half of fp32's
+    document = {"command": "x", "machine": speed.machine_info(torch.device("cpu")), "results": [result]}
+    assert "| transformer | toy | float32, K/V bfloat16 |" in speed.render_markdown(document)
 
 
 def test_pipeline_level_smoke() -> None:

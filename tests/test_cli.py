@@ -57,6 +57,24 @@ def test_generate_writes_images_and_reproducible_sidecars(tiny_folder, ref_path,
     assert pngs[0].read_bytes() == first
 
 
+def test_reference_dtype_option_reaches_the_cache_and_the_sidecar(tiny_folder, ref_path, tmp_path):
+    out = tmp_path / "out"
+    args = [*base_args(tiny_folder, out), "--reference", ref_path, "--subject", "dog", "--prompt", "a dog"]
+    result = invoke(*args, "--reference-dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(next(out.glob("*.json")).read_text())
+    assert sidecar["reference_dtype"] == "bf16" and "--reference-dtype bf16" in sidecar["command"]
+    emb = tmp_path / "dog.safetensors"
+    result = invoke("encode", "--model", tiny_folder, "--reference", ref_path, "--subject", "dog", "--out", emb,
+                    "--reference-dtype", "bf16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    from customshift.reference import SubjectEmbedding
+
+    assert {t.dtype.itemsize for t in SubjectEmbedding.load(emb).keys.values()} == {2}
+    result = runner.invoke(app, [*map(str, args), "--reference-dtype", "int4", "--overwrite"])
+    assert result.exit_code == 2 and "unknown --reference-dtype 'int4'" in result.output
+
+
 def test_batch_encodes_each_subject_once(tiny_folder, tmp_path, monkeypatch):
     refs = tmp_path / "refs"
     refs.mkdir()

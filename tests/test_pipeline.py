@@ -176,6 +176,27 @@ def test_subject_embedding_round_trip(tiny_pipe, tmp_path):
     assert np.array_equal(generate(tiny_pipe, subject=loaded), generate(tiny_pipe, subject=subject))
 
 
+def test_bf16_reference_cache_is_kept_saved_and_close_to_the_float32_one(tiny_pipe, tmp_path, monkeypatch):
+    randomize_adapter(tiny_pipe)
+    full = tiny_pipe.encode_subject(random_image(7), "dog")
+    half = tiny_pipe.encode_subject(random_image(7), "dog", dtype=torch.bfloat16)
+    assert {t.dtype for t in half.keys.values()} == {torch.bfloat16}
+    for name in full.keys:  # the same keys, rounded once
+        assert torch.equal(half.keys[name], full.keys[name].bfloat16())
+    seen = []
+    original = attention.cads_attention
+    monkeypatch.setattr(attention, "cads_attention", lambda q, k, v, rk, *a, **kw: (
+        seen.append((q.dtype, rk.dtype)), original(q, k, v, rk, *a, **kw))[1])
+    image_half, image_full = generate(tiny_pipe, subject=half), generate(tiny_pipe, subject=full)
+    assert seen and all(s == (torch.float32, torch.bfloat16) for s in seen[: len(seen) // 2])
+    assert all(s == (torch.float32, torch.float32) for s in seen[len(seen) // 2 :])
+    assert not np.array_equal(image_half, image_full) and np.abs(image_half - image_full).max() < 0.05
+    loaded = SubjectEmbedding.load(half.save(tmp_path / "dog.safetensors"))
+    assert np.array_equal(generate(tiny_pipe, subject=loaded), image_half)
+    with pytest.raises(ValueError, match="floating-point"):
+        tiny_pipe.encode_subject(random_image(7), "dog", dtype=torch.int8)
+
+
 def test_embedding_or_weights_for_another_base_model_are_refused(tiny_pipe, tmp_path):
     from customshift.tiny import build_tiny_pipeline
 

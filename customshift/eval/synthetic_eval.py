@@ -29,13 +29,19 @@ def generate_pairs(
     shift_scale: float = 1.0,
     seed: int = 0,
     use_reference: bool = True,
+    reference_dtype: str | None = None,
 ) -> list[np.ndarray]:
     """One image per pair (uint8 64x64), from ``references`` (default: each pair's own reference)."""
+    from ..generate import parse_dtype
+
+    kv_dtype = parse_dtype(reference_dtype, "reference_dtype")
     references = references if references is not None else [p.reference for p in pairs]
     pipe.set_progress_bar_config(disable=True)
     images = []
     for index, (pair, reference) in enumerate(zip(pairs, references, strict=True)):
-        subject = pipe.encode_subject(reference, pair.subject_name, SIZE, SIZE) if use_reference else None
+        subject = None
+        if use_reference:
+            subject = pipe.encode_subject(reference, pair.subject_name, SIZE, SIZE, dtype=kv_dtype)
         out = pipe(
             prompt=pair.prompt, subject=subject, num_inference_steps=steps, guidance_scale=guidance_scale,
             reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, height=SIZE, width=SIZE,
