@@ -154,7 +154,11 @@ def load_pipeline(model: str | None, weights: str | None, device: str | None = N
             f"cannot load the model {source!r}: {' '.join(str(error).split())[:300]}; pass a local SD3 "
             "pipeline folder, or a hub id on a machine that can reach the hub (or has it cached)"
         ) from None
-    weights = weights or (None if model else default_weights_path())
+    if weights is None:
+        # A packaged model folder carries its trained CustomShift weights in customshift/ (as the default
+        # model does); without them the reference branch would run untrained.
+        own = Path(source) / "customshift"
+        weights = own if (own / "customshift.json").is_file() else (None if model else default_weights_path())
     if weights:
         pipe.load_customshift(weights)
     pipe._customshift_source = {"model": source, "weights": str(weights) if weights else None}

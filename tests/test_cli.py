@@ -7,6 +7,7 @@ import struct
 import zlib
 
 import pytest
+import torch
 from conftest import random_image
 from typer.testing import CliRunner
 
@@ -73,6 +74,24 @@ def test_reference_dtype_option_reaches_the_cache_and_the_sidecar(tiny_folder, r
     assert {t.dtype.itemsize for t in SubjectEmbedding.load(emb).keys.values()} == {2}
     result = runner.invoke(app, [*map(str, args), "--reference-dtype", "int4", "--overwrite"])
     assert result.exit_code == 2 and "unknown --reference-dtype 'int4'" in result.output
+
+
+def test_a_model_folder_brings_its_own_customshift_weights(tiny_folder, tmp_path):
+    """``--model FOLDER`` with trained weights in FOLDER/customshift (a packaged model) uses them."""
+    import shutil
+
+    from customshift.generate import load_pipeline
+
+    folder = tmp_path / "packaged"
+    shutil.copytree(tiny_folder, folder)
+    trained = CustomShiftPipeline.from_pretrained(tiny_folder)
+    with torch.no_grad():
+        trained.reference_branch.shift.beta.fill_(1.5)
+    trained.save_customshift(folder / "customshift")
+    pipe = load_pipeline(str(folder), None, device="cpu")
+    assert torch.all(pipe.reference_branch.shift.beta == 1.5)
+    assert pipe._customshift_source["weights"] == str(folder / "customshift")
+    assert torch.all(load_pipeline(tiny_folder, None, device="cpu").reference_branch.shift.beta != 1.5)
 
 
 def test_batch_encodes_each_subject_once(tiny_folder, tmp_path, monkeypatch):

@@ -127,7 +127,7 @@ def load_model(path: str) -> Any:
     if (root / "final" / "pipeline").is_dir():
         root = root / "final"
     model = root / "pipeline" if (root / "pipeline" / "model_index.json").is_file() else root
-    weights = root / "customshift"
+    weights = root / "customshift"  # a run's final/customshift, or the model folder's own
     return load_pipeline(str(model), str(weights) if weights.is_dir() else None, device="cpu", dtype="fp32")
 
 
