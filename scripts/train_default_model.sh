@@ -3,10 +3,10 @@
 # command after an interruption and each stage continues from its last checkpoint.
 #   bash scripts/train_default_model.sh
 # Stage 1 (VAE, ~30 CPU-minutes), stage 2 (transformer + CustomShift from scratch, ~65 minutes on 2 CPU cores)
-# and stage 4 (moved subjects, batch 8, ~1 hour on 2 CPU cores) run anywhere; stage 3 (batch 32, 1,323 steps)
+# stage 4 (moved subjects, batch 8, ~1 hour on 2 CPU cores) and stage 5 (more distractors, ~70 minutes) run anywhere; stage 3 (batch 32, 1,323 steps)
 # took 7.4 minutes on one H100 and would take hours on a laptop CPU: the trainer picks the GPU through
 # accelerate when there is one (accelerate launch -m customshift.training.trainer ... for several).
-# Then: python scripts/package_default_model.py runs/default/stage4-v3
+# Then: python scripts/package_default_model.py runs/default/stage5-cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAE_MINUTES=${VAE_MINUTES:-30}
@@ -22,3 +22,8 @@ stage() {  # stage CONFIG RUN: train to the config's max_steps, resuming if the 
 stage configs/default-model-v2.yaml runs/default/stage2-v2
 stage configs/default-model-v3-gpu.yaml runs/default/stage3-gpu
 stage configs/default-model-v3-stage4.yaml runs/default/stage4-v3
+# Stage 5 starts from stage 4 packaged as the v4 default model was (EMA weights, fp16-stored).
+if [ ! -f runs/default/v4/model_index.json ]; then
+  python scripts/package_default_model.py runs/default/stage4-v3 --dest runs/default/v4
+fi
+stage configs/default-model-v5-stage5.yaml runs/default/stage5-cpu
