@@ -216,3 +216,14 @@ def test_gpu_matrix_script_is_valid_bash() -> None:
     text = script.read_text()
     for needle in ("sd3-medium", "sd35-large", "512:512", "1024:512", "1024:1024", "bf16", "--section gpu"):
         assert needle in text
+
+
+def test_cache_precision_script_times_both_caches_against_plain(tiny_folder, tmp_path: Path) -> None:
+    import cache_precision
+
+    out = tmp_path / "cache.json"
+    assert cache_precision.main(["--rounds", "2", "--model", tiny_folder, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {name: len(s) for name, s in result["samples"].items()} == {"plain": 2, "float32": 2, "bfloat16": 2}
+    for estimates in result["overhead"].values():
+        assert set(estimates) == {"median_ratio", "paired", "fastest_ratio"} and all(v > 0 for v in estimates.values())
