@@ -3,10 +3,11 @@
 # command after an interruption and each stage continues from its last checkpoint.
 #   bash scripts/train_default_model.sh
 # Stage 1 (VAE, ~30 CPU-minutes), stage 2 (transformer + CustomShift from scratch, ~65 minutes on 2 CPU cores)
-# stage 4 (moved subjects, batch 8, ~1 hour on 2 CPU cores) and stage 5 (more distractors, ~70 minutes) run anywhere; stage 3 (batch 32, 1,323 steps)
+# stage 4 (moved subjects, batch 8, ~1 hour on 2 CPU cores), stage 5 (more distractors, ~90 minutes) and stage 6
+# (learning-rate cooldown, ~50 minutes) run anywhere; stage 3 (batch 32, 1,323 steps)
 # took 7.4 minutes on one H100 and would take hours on a laptop CPU: the trainer picks the GPU through
 # accelerate when there is one (accelerate launch -m customshift.training.trainer ... for several).
-# Then: python scripts/package_default_model.py runs/default/stage5-cpu
+# Then: python scripts/package_default_model.py runs/default/stage6-cooldown
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAE_MINUTES=${VAE_MINUTES:-30}
@@ -27,3 +28,8 @@ if [ ! -f runs/default/v4/model_index.json ]; then
   python scripts/package_default_model.py runs/default/stage4-v3 --dest runs/default/v4
 fi
 stage configs/default-model-v5-stage5.yaml runs/default/stage5-cpu
+# Stage 6 (the cooldown) starts from stage 5 packaged the same way.
+if [ ! -f runs/default/v5-4460/model_index.json ]; then
+  python scripts/package_default_model.py runs/default/stage5-cpu --dest runs/default/v5-4460
+fi
+stage configs/default-model-v6-cooldown.yaml runs/default/stage6-cooldown
