@@ -28,16 +28,14 @@ def standard_error(values: np.ndarray) -> float:
 
 def compare(model_a: str, model_b: str, *, n: int, tracks: list[str], steps: int, guidance_scale: float,
             seed: int) -> dict:
-    pipes = {name: load_pipeline(name, None, device="cpu") for name in (model_a, model_b)}
+    pipes = [load_pipeline(name, None, device="cpu") for name in (model_a, model_b)]  # loaded apart, even if equal
     report: dict = {"model_a": model_a, "model_b": model_b, "n": n, "steps": steps,
                     "guidance_scale": guidance_scale, "seed": seed}
     for track in tracks:
         pairs = synthetic.evaluation_split(n=n, track=track, layout="random")
-        identity = {}
-        for name, pipe in pipes.items():
-            images = generate_pairs(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed)
-            identity[name] = np.asarray(synthetic.score(images, pairs)["per_sample"]["identity"], dtype=float)
-        a, b = identity[model_a], identity[model_b]
+        a, b = (np.asarray(synthetic.score(images, pairs)["per_sample"]["identity"], dtype=float)
+                for images in (generate_pairs(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed)
+                               for pipe in pipes))
         diff = b - a
         report[track] = {
             "identity_a": float(a.mean()), "se_a": standard_error(a),

@@ -56,3 +56,21 @@ def test_the_shipped_model_reads_its_reference():
     result = colour_recovery(load_default_pipeline(), pairs, (0.7,))
     assert result["right"]["0.7"] > result["wrong"]["0.7"] + 0.15
     assert result["right"]["0.7"] > result["none"]["0.7"] + 0.15
+
+
+def test_compare_models_scores_the_same_pairs_as_evaluate_synthetic(tmp_path):
+    """scripts/compare_models.py: a model against itself ties on every pair, at evaluate synthetic's mean."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from compare_models import compare
+
+    from customshift.eval.synthetic_eval import evaluate_synthetic
+
+    model = str(DEFAULT_MODEL_DIR)
+    report = compare(model, model, n=3, tracks=["clean"], steps=2, guidance_scale=2.0, seed=0)["clean"]
+    assert (report["tie"], report["b_better"], report["b_worse"]) == (3, 0, 0)
+    assert report["difference"] == 0 and report["identity_a"] == report["identity_b"]
+    summary = evaluate_synthetic(load_default_pipeline(), tmp_path, n=3, tracks=["clean"], steps=2, guidance_scale=2.0)
+    assert report["identity_a"] == summary["clean"]["identity"]
