@@ -91,6 +91,8 @@ class DataConfig:
     track: str | dict[str, float] = "clean"
     layout: str | dict[str, float] = "random"
     curriculum: list[dict[str, Any]] = field(default_factory=list)
+    placement: str | dict[str, float] = "grid"  # synthetic.md v2: "grid" | "free" or {name: weight}
+    distractor_offsets: str = "grid"  # "grid" (version 1's generator) | "any" (the spec: any pixel offset)
     # subjects200k
     padding: int = 8
     min_quality: int = 0

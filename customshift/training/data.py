@@ -107,6 +107,8 @@ class SyntheticSource:
         layout: str | Mapping[str, float] = "random",
         curriculum: Sequence[Mapping[str, Any]] = (),
         items_per_step: int = 1,
+        placement: str | Mapping[str, float] = "grid",
+        distractor_offsets: str = "grid",
     ) -> None:
         from .. import synthetic
 
@@ -116,6 +118,15 @@ class SyntheticSource:
         self.layout = layout
         self.curriculum = sorted((dict(s) for s in curriculum), key=lambda s: int(s["until_step"]))
         self.items_per_step = max(1, int(items_per_step))
+        self.placement = placement
+        self.distractor_offsets = distractor_offsets
+        if distractor_offsets not in synthetic.DISTRACTOR_OFFSETS:
+            raise ValueError(f"data.distractor_offsets: unknown value {distractor_offsets!r}; expected one of "
+                             f"{list(synthetic.DISTRACTOR_OFFSETS)}")
+        names = [placement] if isinstance(placement, str) else list(placement)
+        if [n for n in names if n not in synthetic.PLACEMENTS]:
+            raise ValueError(f"data.placement: unknown placement in {names}; expected names from "
+                             f"{list(synthetic.PLACEMENTS)}")
         for spec, allowed, what in ((track, synthetic.TRACKS, "track"), (layout, synthetic.LAYOUTS, "layout")):
             specs = [spec] + [s[what] for s in self.curriculum if what in s]
             for one in specs:
@@ -138,7 +149,10 @@ class SyntheticSource:
         rng = np.random.default_rng([synthetic.SPEC_SEED, 3, self.seed, int(index)])
         track = _draw_weighted(rng, track_spec)
         layout = _draw_weighted(rng, layout_spec)
-        pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout)
+        # "grid" draws nothing, so version-1 configs keep their exact item streams.
+        placement = "grid" if self.placement == "grid" else _draw_weighted(rng, self.placement)
+        pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout,
+                                       placement=placement, distractor_offsets=self.distractor_offsets)
         return group_from_pairs(pairs, f"synthetic item {index}")
 
 
@@ -523,7 +537,7 @@ def build_source(data: Any, seed: int, items_per_step: int) -> tuple[Any, ItemOr
     """The source and item order described by a `DataConfig`."""
     if data.kind == "synthetic":
         source = SyntheticSource(seed, data.targets_per_reference, data.track, data.layout, data.curriculum,
-                                 items_per_step)
+                                 items_per_step, data.placement, data.distractor_offsets)
         return source, ItemOrder(None, seed)
     if data.kind == "manifest":
         source = ManifestSource(data.path)
