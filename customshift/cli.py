@@ -205,7 +205,9 @@ def evaluate_synthetic(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     n: Annotated[int, typer.Option("--n", help="Held-out pairs per track.")] = 64,
-    track: Annotated[list[str] | None, typer.Option("--track", help="clean and/or distractor.")] = None,
+    track: Annotated[list[str] | None, typer.Option("--track", help="Track(s) to score (default: all): clean, "
+                                                     "clean-free, distractor (spec v1), distractor-grid, "
+                                                     "distractor-free, two-subject, two-subject-free.")] = None,
     steps: int = 20,
     guidance_scale: float = 1.0,
     reference_guidance_scale: float = 0.0,
@@ -216,16 +218,20 @@ def evaluate_synthetic(
     reference_dtype: ReferenceDtypeOpt = "auto",
 ) -> None:
     """Score a model on held-out synthetic subjects with the exact metrics (JSON, markdown, grid)."""
+    from .eval.synthetic_eval import TRACKS
     from .eval.synthetic_eval import evaluate_synthetic as run
     from .generate import load_pipeline, parse_dtype
     from .synthetic import LAYOUTS
 
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    for name in track or []:
+        if name not in TRACKS:
+            raise typer.BadParameter(f"--track must be one of {', '.join(TRACKS)}, got {name!r}")
     parse_dtype(reference_dtype, "--reference-dtype")
     extra = {} if reference_dtype == "auto" else {"reference_dtype": reference_dtype}
     pipe = load_pipeline(model, weights, device, "auto")
-    summary = run(pipe, out, n=n, tracks=track or ["clean", "distractor"], steps=steps, guidance_scale=guidance_scale,
+    summary = run(pipe, out, n=n, tracks=track or list(TRACKS), steps=steps, guidance_scale=guidance_scale,
                   reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, seed=seed,
                   layout=layout, **extra)
     typer.echo((out / "summary.md").read_text() if (out / "summary.md").exists() else str(summary))

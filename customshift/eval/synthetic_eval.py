@@ -51,12 +51,95 @@ def generate_pairs(
     return images
 
 
+# Every track `customshift evaluate synthetic` reports (synthetic.md, versions 1 and 2). "clean" is both
+# versions' grid clean track; "distractor" is version 1's (distractors on the prompt grid: the v1-v6 models'
+# tables); the "-grid"/"-free" tracks are version 2's (distractors at any pixel offset, boxes may touch).
+TRACKS: dict[str, dict[str, Any]] = {
+    "clean": {"track": "clean"},
+    "clean-free": {"track": "clean", "placement": "free"},
+    "distractor": {"track": "distractor"},
+    "distractor-grid": {"track": "distractor", "distractor_offsets": "any"},
+    "distractor-free": {"track": "distractor", "placement": "free", "distractor_offsets": "any"},
+    "two-subject": {"two_subjects": True, "placement": "grid"},
+    "two-subject-free": {"two_subjects": True, "placement": "free"},
+}
+DEFAULT_TRACKS: tuple[str, ...] = tuple(TRACKS)
+
+
+def track_pairs(name: str, n: int, layout: str = "random", seed: int = 0) -> list:
+    """The held-out pairs of one named track (two-subject tracks ignore ``layout``)."""
+    if name not in TRACKS:
+        raise ValueError(f"unknown track {name!r}; expected one of {', '.join(TRACKS)}")
+    spec = dict(TRACKS[name])
+    if spec.pop("two_subjects", False):
+        return synthetic.two_subject_split(n=n, seed=seed, **spec)
+    return synthetic.evaluation_split(n=n, seed=seed, layout=layout, **spec)
+
+
+def generate_two_subject_pairs(pipe, pairs: list, references: list | None = None, *, steps: int = 20,
+                               guidance_scale: float = 1.0, reference_guidance_scale: float = 0.0,
+                               shift_scale: float = 1.0, seed: int = 0, use_reference: bool = True,
+                               reference_dtype: str | None = None) -> list[np.ndarray]:
+    """One image per two-subject pair, both subjects through the method (``subject=[a, b]``)."""
+    from ..generate import parse_dtype
+
+    kv_dtype = parse_dtype(reference_dtype, "reference_dtype")
+    references = references if references is not None else [p.references for p in pairs]
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for index, (pair, refs) in enumerate(zip(pairs, references, strict=True)):
+        subject = None
+        if use_reference:
+            subject = [pipe.encode_subject(ref, name, SIZE, SIZE, dtype=kv_dtype)
+                       for ref, name in zip(refs, pair.subject_names, strict=True)]
+        out = pipe(
+            prompt=pair.prompt, subject=subject, num_inference_steps=steps, guidance_scale=guidance_scale,
+            reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, height=SIZE, width=SIZE,
+            generator=torch.Generator("cpu").manual_seed(seed + index), output_type="np",
+        ).images[0]
+        images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    return images
+
+
+def _breakdown(scores: dict[str, Any], pairs: list) -> dict[str, Any]:
+    """Distractor tracks: identity and leakage over the pairs whose two boxes touch, and over the others."""
+    per = scores["per_sample"]
+    out: dict[str, Any] = {}
+    for label, keep in (("touching", True), ("apart", False)):
+        idx = [k for k, p in enumerate(pairs) if p.touching is keep]
+        out[label] = {"n": len(idx)} | ({} if not idx else {
+            "identity": float(np.mean([per["identity"][k] for k in idx])),
+            "leakage": float(np.mean([per["leakage"][k] for k in idx])),
+        })
+    return out
+
+
+def evaluate_track(pipe, name: str, *, n: int = 64, seed: int = 0, layout: str = "random",
+                   **generation: Any) -> tuple[dict[str, Any], list, list[np.ndarray]]:
+    """Scores of one track with its wrong-reference control (each pair generated with reference k+1)."""
+    pairs = track_pairs(name, n, layout)
+    if TRACKS[name].get("two_subjects"):
+        images = generate_two_subject_pairs(pipe, pairs, seed=seed, **generation)
+        wrong_refs = [pairs[(k + 1) % len(pairs)].references for k in range(len(pairs))]
+        wrong = generate_two_subject_pairs(pipe, pairs, wrong_refs, seed=seed, **generation)
+        scores, wrong_scores = synthetic.score_two_subjects(images, pairs), synthetic.score_two_subjects(wrong, pairs)
+    else:
+        images = generate_pairs(pipe, pairs, seed=seed, **generation)
+        wrong = generate_pairs(pipe, pairs, synthetic.wrong_references(pairs), seed=seed, **generation)
+        scores, wrong_scores = synthetic.score(images, pairs), synthetic.score(wrong, pairs)
+    summary = {k: v for k, v in scores.items() if k != "per_sample"}
+    summary["identity_wrong_reference"] = wrong_scores["identity"]
+    if TRACKS[name].get("track") == "distractor":
+        summary |= _breakdown(scores, pairs)
+    return summary, pairs, images
+
+
 def evaluate_synthetic(
     pipe,
     out_dir: str | Path,
     *,
     n: int = 64,
-    tracks: list[str] | tuple[str, ...] = ("clean", "distractor"),
+    tracks: list[str] | tuple[str, ...] = DEFAULT_TRACKS,
     seed: int = 0,
     grid_rows: int = 8,
     layout: str = "random",
@@ -64,39 +147,48 @@ def evaluate_synthetic(
 ) -> dict[str, Any]:
     """Score ``pipe`` on ``n`` held-out pairs per track; writes summary.json, summary.md and grids.
 
-    ``layout`` is the spec's ``random`` (the subject moves and resizes) unless a diagnosis asks for
-    ``same_size`` or ``same_layout`` (the subject keeps its box: identity by copying in place).
+    ``tracks`` are names of ``TRACKS`` (default: all of them, both spec versions). ``layout`` is the spec's
+    ``random`` (the subject moves and resizes) unless a diagnosis asks for ``same_size`` or ``same_layout``.
     """
+    bad = [t for t in tracks if t not in TRACKS]
+    if bad:
+        raise ValueError(f"unknown track(s) {bad}; expected names from {', '.join(TRACKS)}")
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"n": n, "seed": seed, "layout": layout, **{k: v for k, v in generation.items()}}
     for track in tracks:
-        pairs = synthetic.evaluation_split(n=n, track=track, layout=layout)
-        images = generate_pairs(pipe, pairs, seed=seed, **generation)
-        scores = synthetic.score(images, pairs)
-        wrong = generate_pairs(pipe, pairs, synthetic.wrong_references(pairs), seed=seed, **generation)
-        wrong_scores = synthetic.score(wrong, pairs)
-        summary[track] = {k: v for k, v in scores.items() if k != "per_sample"}
-        summary[track]["identity_wrong_reference"] = wrong_scores["identity"]
-        rows = [[p.reference, img, p.target] for p, img in zip(pairs[:grid_rows], images, strict=False)]
-        grid = synthetic.make_grid(rows, labels=["reference", "generated", "target"])
-        atomic_save_image(grid, out_dir / f"grid-{track}.png")
+        summary[track], pairs, images = evaluate_track(pipe, track, n=n, seed=seed, layout=layout, **generation)
+        if TRACKS[track].get("two_subjects"):
+            rows = [[*p.references, img, p.target] for p, img in zip(pairs[:grid_rows], images, strict=False)]
+            labels = ["reference 1", "reference 2", "generated", "target"]
+        else:
+            rows = [[p.reference, img, p.target] for p, img in zip(pairs[:grid_rows], images, strict=False)]
+            labels = ["reference", "generated", "target"]
+        atomic_save_image(synthetic.make_grid(rows, labels=labels), out_dir / f"grid-{track}.png")
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "summary.md", summary_markdown(summary, tracks))
     return summary
 
 
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def summary_markdown(summary: dict[str, Any], tracks) -> str:
+    """One row per track; distractor tracks add touching / apart rows, two-subject tracks their swap rate."""
     lines = [
-        "| track | identity | identity (wrong ref.) | prompt accuracy | PSNR | leakage |",
-        "|---|---|---|---|---|---|",
+        "| track | identity | identity (wrong ref.) | prompt accuracy | PSNR | leakage | swap rate |",
+        "|---|---|---|---|---|---|---|",
     ]
     for track in tracks:
         s = summary[track]
-        leakage = f"{s['leakage']:.3f}" if s.get("leakage") is not None else "-"
         lines.append(
             f"| {track} | {s['identity']:.3f} | {s['identity_wrong_reference']:.3f} | "
-            f"{s['prompt_accuracy']:.3f} | {s['psnr']:.1f} | {leakage} |"
+            f"{s['prompt_accuracy']:.3f} | {s['psnr']:.1f} | {_fmt(s.get('leakage'))} | {_fmt(s.get('swap_rate'))} |"
         )
+        for part in ("touching", "apart"):
+            if part in s and s[part]["n"]:
+                p = s[part]
+                lines.append(f"| {track}, {part} (n={p['n']}) | {p['identity']:.3f} | | | | {p['leakage']:.3f} | |")
     return "\n".join(lines) + "\n"
 
 
