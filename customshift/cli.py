@@ -13,10 +13,42 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import CustomShiftError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+try:  # typer >= 0.24 vendors click; older typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad number, a missing option) as the one ``error:`` line our own errors give, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as error:
+            typer.echo(error.ctx.get_help() if error.ctx else "", err=True)
+            sys.exit(2)
+        except click_errors.UsageError as error:
+            where = f"; see '{error.ctx.command_path} --help'" if error.ctx else ""
+            message = " ".join(error.format_message().split()).rstrip(".")
+            typer.secho(f"error: {message}{where}", err=True, fg=typer.colors.RED)
+            sys.exit(error.exit_code)
+        except click_errors.ClickException as error:
+            typer.secho(f"error: {' '.join(error.format_message().split())}", err=True, fg=typer.colors.RED)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 evaluate_app = typer.Typer(no_args_is_help=True, help="Score a model on a benchmark.")
 app.add_typer(evaluate_app, name="evaluate")
 
@@ -47,6 +79,17 @@ def user_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def check_generation_options(out: Path, model: str | None, device: str | None, **numbers) -> None:
+    """``generate``'s numbers, ``--out`` and ``--device``, checked before anything loads or is written."""
+    from .checks import check_device, check_generation_numbers, check_out_folder, model_geometry
+    from .default_model import default_model_path
+
+    check_out_folder(out)
+    check_device(device)
+    geometry = model_geometry(model or default_model_path())
+    check_generation_numbers(geometry=geometry, **numbers)
 
 
 @app.command()
@@ -80,9 +123,14 @@ def generate(
     reference_dtype: ReferenceDtypeOpt = "auto",
 ) -> None:
     """Generate images of a subject from reference image(s) and prompt(s), or a whole batch manifest."""
+    from .checks import check_reference, check_sizes, check_texts, pipeline_geometry
     from .generate import GenerationParams, load_pipeline, parse_dtype, read_manifest, run_jobs, single_jobs
 
     parse_dtype(reference_dtype, "--reference-dtype")  # fail before anything loads
+    parse_dtype(dtype)
+    check_generation_options(out, model, device, steps=steps, seed=seed, num_images=num_images, height=height,
+                             width=width, floats={"--shift-scale": shift_scale, "--guidance-scale": guidance_scale,
+                                                  "--reference-guidance-scale": reference_guidance_scale})
     if batch is not None:
         if reference or subject or prompt:
             raise CustomShiftError("--batch takes references, subjects and prompts from the manifest; drop the others")
@@ -91,8 +139,8 @@ def generate(
         if not reference or not subject or not prompt:
             raise CustomShiftError("give --reference, --subject and --prompt (or --batch manifest.jsonl)")
         for ref in reference:
-            if not Path(ref).is_file():
-                raise CustomShiftError(f"reference not found: {ref}")
+            check_reference(ref)
+        check_texts(prompt, subject)
         jobs = single_jobs([str(Path(r).resolve()) for r in reference], subject, prompt, seed, num_images)
     if guidance_scale is None:
         from .default_model import DEFAULT_MODEL_GUIDANCE
@@ -104,6 +152,7 @@ def generate(
         reference_dtype=None if reference_dtype == "auto" else reference_dtype,
     )
     pipe = load_pipeline(model, weights, device, dtype)
+    check_sizes(height, width, pipeline_geometry(pipe))  # a hub model's configs may only be here now
     counts = run_jobs(pipe, jobs, out, params, overwrite=overwrite)
     kept = f", kept {counts['kept']} existing (--overwrite regenerates them)" if counts["kept"] else ""
     typer.echo(f"wrote {counts['generated']} image(s) to {out}{kept}")
@@ -125,11 +174,21 @@ def encode(
     reference_dtype: ReferenceDtypeOpt = "auto",
 ) -> None:
     """Compute a subject embedding once and save it, to reuse with ``generate --reference emb.safetensors``."""
+    from .checks import check_device, check_out_file, check_reference, check_sizes, check_texts, model_geometry
+    from .default_model import default_model_path
     from .generate import load_pipeline, parse_dtype
-    from .io import refuse_overwrite
+    from .io import refuse_overwrite, remove_stale_temps
 
     refuse_overwrite(out, overwrite)
     kv_dtype = parse_dtype(reference_dtype, "--reference-dtype")
+    parse_dtype(dtype)
+    check_out_file(out)
+    check_device(device)
+    for ref in reference:
+        check_reference(ref)
+    check_texts([], subject)
+    check_sizes(height, width, model_geometry(model or default_model_path()))
+    remove_stale_temps(out)
     pipe = load_pipeline(model, weights, device, dtype)
     pipe.encode_subject(reference, subject, height, width, dtype=kv_dtype).save(out)
     typer.echo(f"wrote {out}")

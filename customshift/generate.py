@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .checks import MAX_SEED, describe_missing
 from .errors import CustomShiftError, ManifestError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -108,14 +109,14 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
         if not all(isinstance(row[key], str) and row[key].strip() for key in ("subject", "prompt")):
             problems.append(f"{where}: subject and prompt must be non-empty strings")
             continue
-        resolved = [str((path.parent / r).resolve()) for r in refs]
-        absent = [r for r in resolved if not Path(r).is_file()]
+        absent = [p for p in (describe_missing(path.parent / r) for r in refs) if p]
         if absent:
-            problems.append(f"{where}: reference not found: {absent[0]}")
+            problems.append(f"{where}: reference {absent[0]}")
             continue
+        resolved = [str((path.parent / r).resolve()) for r in refs]
         row_seed = row.get("seed", seed)
-        if not isinstance(row_seed, int):
-            problems.append(f"{where}: seed must be an integer")
+        if isinstance(row_seed, bool) or not isinstance(row_seed, int) or not 0 <= row_seed < MAX_SEED:
+            problems.append(f"{where}: seed must be an integer in [0, 2^64), got {row_seed!r}")
             continue
         jobs.append(Job(job_id, resolved, row["subject"].strip(), row["prompt"], row_seed, source=where))
     if problems:
@@ -148,18 +149,20 @@ def load_pipeline(model: str | None, weights: str | None, device: str | None = N
     torch_dtype = parse_dtype(dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = model or str(default_model_path())
     try:
-        pipe = CustomShiftPipeline.from_pretrained(source, torch_dtype=torch_dtype)
+        # ``dtype``: diffusers' current name (``torch_dtype`` is deprecated). A folder's own customshift/
+        # weights come with it unless --weights replaces them.
+        pipe = CustomShiftPipeline.from_pretrained(source, dtype=torch_dtype, load_customshift=weights is None)
+    except CustomShiftError:
+        raise
     except (OSError, ValueError) as error:
         raise CustomShiftError(
             f"cannot load the model {source!r}: {' '.join(str(error).split())[:300]}; pass a local SD3 "
             "pipeline folder, or a hub id on a machine that can reach the hub (or has it cached)"
         ) from None
     if weights is None:
-        # A packaged model folder carries its trained CustomShift weights in customshift/ (as the default
-        # model does); without them the reference branch would run untrained.
         own = Path(source) / "customshift"
         weights = own if (own / "customshift.json").is_file() else (None if model else default_weights_path())
-    if weights:
+    else:
         pipe.load_customshift(weights)
     pipe._customshift_source = {"model": source, "weights": str(weights) if weights else None}
     return pipe.to(device)
@@ -189,7 +192,8 @@ def run_jobs(
     for stale in out_dir.glob(".*.tmp-*"):  # left by a run killed mid-write; never a finished output
         stale.unlink(missing_ok=True)
     jobs = list(jobs)
-    todo = [j for j in jobs if overwrite or not (out_dir / f"{j.id}.json").is_file()]
+    # Done means both files: a sidecar whose image was deleted is redone, not "kept".
+    todo = [j for j in jobs if overwrite or not all((out_dir / f"{j.id}{ext}").is_file() for ext in (".json", ".png"))]
     subjects: dict[tuple[tuple[str, ...], str], Any] = {}
     pipe.set_progress_bar_config(leave=False, position=1, disable=not progress)
     source = getattr(pipe, "_customshift_source", {})

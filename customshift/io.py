@@ -13,6 +13,7 @@ final file.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import secrets
@@ -36,6 +37,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "refuse_overwrite",
+    "remove_stale_temps",
 ]
 
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
@@ -238,23 +240,56 @@ def atomic_save_safetensors(
     path: str | os.PathLike[str],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Save ``tensors`` as a safetensors file atomically (written straight to the temp file, no copy).
+    """Save ``tensors`` as a safetensors file atomically, through this module's own temp file.
 
+    Serialised in memory first: ``safetensors.torch.save_file`` writes its own hidden ``.tmpXXXXXX``
+    file (mode 0600, which it renames over the target, and which a SIGKILL leaves behind), so going
+    through our temp file is what keeps the umask and the cleanup of :func:`remove_stale_temps`.
     Tensors must be contiguous and must not share memory (safetensors' own rules, which raise
     ``ValueError``); metadata keys and values must be ``str``.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     final = Path(path)
     meta = dict(metadata) if metadata is not None else None
     if meta is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise TypeError("safetensors metadata keys and values must all be str")
-    with atomic_path(final) as temp:
+    with atomic_write(final, "wb") as handle:
         try:
-            save_file(dict(tensors), temp, metadata=meta)
+            handle.write(save(dict(tensors), metadata=meta))
         except (SafetensorError, OSError) as exc:
             raise _write_error(final, exc) from exc
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the hidden temp files a killed writer of ``path`` left beside it; returns what was removed.
+
+    Only ``.{name}.tmp-{pid}-*`` files whose process is gone: a live writer's temp file is kept.
+    """
+    final = Path(path)
+    removed = []
+    try:
+        candidates = list(final.parent.glob(f".{glob.escape(final.name)}.tmp-*"))
+    except OSError:
+        return removed
+    for temp in candidates:
+        pid = temp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        _remove_quietly(temp)
+        removed.append(temp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -221,7 +221,7 @@ def test_atomic_save_safetensors_disk_full(tmp_path: Path, monkeypatch: pytest.M
     def no_space(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    monkeypatch.setattr(safetensors.torch, "save", no_space)
     with pytest.raises(CustomShiftError, match="disk full"):
         atomic_save_safetensors({"a": torch.zeros(2)}, path)
     assert path.read_bytes() == b"old"

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from customshift.checks import inside, safe_file_name
 from customshift.errors import CustomShiftError, ManifestError
 from customshift.eval import report as rep
 from customshift.eval.metrics import (
@@ -123,7 +124,7 @@ def select_references(images: Sequence[Path], policy: str, seed: int, subject: s
 
 
 def image_filename(subject: str, prompt_index: int, image_index: int) -> str:
-    return f"{subject}/{prompt_index:02d}_{image_index:02d}.png"
+    return f"{safe_file_name(subject)}/{prompt_index:02d}_{image_index:02d}.png"
 
 
 def plan_work(subjects: Sequence[BenchmarkSubject], images_per_prompt: int, reference_policy: str,
@@ -207,7 +208,7 @@ class PipelineGenerator:
 
     def _load(self) -> Any:
         s = self.settings
-        if s.model == TINY_MODEL and not Path(s.model).exists():
+        if s.model == TINY_MODEL:  # the name, never a folder called tiny: "./tiny" is the path
             from customshift.tiny import build_tiny_pipeline
 
             pipe = build_tiny_pipeline(variant="sd3", seed=0)
@@ -377,9 +378,10 @@ def build_metric_suite(dino_model: str, clip_model: str, out_dir: Path,
     """The metric models; ``tiny`` builds the tiny random ones (smoke tests only) under ``out_dir``."""
     from customshift.eval import tiny_models
 
-    if dino_model == TINY_MODEL and not Path(dino_model).exists():
+    # "tiny" always means the tiny models, even beside a folder of that name: "./tiny" is the path.
+    if dino_model == TINY_MODEL:
         dino_model = str(tiny_models.build_tiny_dino(out_dir / "_tiny_metric_models" / "dino"))
-    if clip_model == TINY_MODEL and not Path(clip_model).exists():
+    if clip_model == TINY_MODEL:
         clip_model = str(tiny_models.build_tiny_clip(out_dir / "_tiny_metric_models" / "clip"))
     return MetricSuite(dino_model=dino_model, clip_model=clip_model, device=device)
 
@@ -441,7 +443,8 @@ def score_and_report(records: Sequence[ScoreRecord], suite: MetricSuite, out_dir
             grid = rep.subject_grid(f"{subject} ({recs[0].subject_name})" if recs[0].subject_name else subject,
                                     real_imgs, list(rows.values()), thumb=grid_thumb,
                                     highlight=[j for j, p in enumerate(real_paths) if Path(p) in refs])
-            rep.atomic_save_image(grid, out_dir / "grids" / f"{subject}.png")
+            # The subject comes from a manifest: as a file name it must not leave grids/ (absolute, ../).
+            rep.atomic_save_image(grid, inside(out_dir / "grids", f"{safe_file_name(subject)}.png"))
         del real_imgs, thumbs
 
     def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:

@@ -53,8 +53,19 @@ def _fmt_cell(v: Any) -> Any:
     if isinstance(v, float):
         return f"{v:.6f}"
     if isinstance(v, (list, tuple)):
-        return ";".join(str(x) for x in v)
-    return v
+        return escape_formula(";".join(str(x) for x in v))
+    return escape_formula(v) if isinstance(v, str) else v
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def escape_formula(text: str) -> str:
+    """A text cell a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``...) gets a leading ``'``.
+
+    Numbers are written by ``_fmt_cell`` from floats and ints, never through here, so ``-0.5`` stays a number.
+    """
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
 # ---------------------------------------------------------------------------------- published results
