@@ -9,6 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +244,55 @@ def test_tiny_metric_model_name_ignores_a_folder_called_tiny(tmp_path, monkeypat
     assert seen["clip"] != "tiny" and "_tiny_metric_models" in seen["clip"]
     harness.build_metric_suite("./tiny", "./tiny", tmp_path / "out")  # an explicit path stays a path
     assert seen == {"dino": "./tiny", "clip": "./tiny"}
+
+
+# ------------------------------------------------------------ 9. encode: killed mid-write, umask honoured
+def test_encode_killed_mid_write_leaves_no_temp_file_after_the_next_run_and_honours_the_umask(
+        tiny_folder, ref_path, tmp_path):
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    out = folder / "dog.safetensors"
+    args = ["encode", "--model", tiny_folder, "--reference", str(ref_path), "--subject", "dog", "--out", str(out),
+            "--device", "cpu"]
+    # The child blocks in the first fsync, i.e. right after the bytes were written, and is killed there.
+    code = ("import os, sys, time; os.fsync = lambda fd: time.sleep(600); from customshift.cli import main; "
+            f"sys.argv = ['customshift', *{args!r}]; main()")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not [p for p in folder.iterdir() if p.stat().st_size > 0]:
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "encode never started writing"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert not out.exists() and list(folder.iterdir())  # killed mid-write: only a temp file
+    old_umask = os.umask(0o027)
+    try:
+        result = run_cli(*args)
+    finally:
+        os.umask(old_umask)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in folder.iterdir()] == ["dog.safetensors"]  # the killed run's temp file is gone
+    assert out.stat().st_mode & 0o777 == 0o640  # 0o666 under umask 027, not always 0600
+
+
+# ------------------------------------------------------------------- 10. a deleted image is made again
+def test_batch_rerun_regenerates_an_image_whose_sidecar_stayed(tiny_folder, ref_path, tmp_path):
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "reference": ref_path.name, "subject": "dog",
+                                            "prompt": "a dog on the beach"}) + "\n" for i in ("a", "b")))
+    out = tmp_path / "out"
+    args = ["generate", "--batch", manifest, "--model", tiny_folder, "--out", out, "--steps", "1", "--device", "cpu"]
+    assert run_cli(*args).exit_code == 0
+    first = (out / "a.png").read_bytes()
+    kept = (out / "b.png").stat().st_mtime_ns
+    (out / "a.png").unlink()
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 image(s)" in result.output and "kept 1 existing" in result.output
+    assert (out / "a.png").read_bytes() == first and (out / "b.png").stat().st_mtime_ns == kept
