@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from customshift import synthetic
-from customshift.eval.synthetic_eval import generate_pairs
+from customshift.eval.synthetic_eval import TRACKS, generate_pairs, generate_two_subject_pairs, track_pairs
 from customshift.generate import load_pipeline
 from customshift.io import atomic_write_json
 
@@ -32,9 +32,12 @@ def compare(model_a: str, model_b: str, *, n: int, tracks: list[str], steps: int
     report: dict = {"model_a": model_a, "model_b": model_b, "n": n, "steps": steps,
                     "guidance_scale": guidance_scale, "seed": seed}
     for track in tracks:
-        pairs = synthetic.evaluation_split(n=n, track=track, layout="random")
-        a, b = (np.asarray(synthetic.score(images, pairs)["per_sample"]["identity"], dtype=float)
-                for images in (generate_pairs(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed)
+        pairs = track_pairs(track, n)
+        two = TRACKS[track].get("two_subjects", False)
+        run, score = (generate_two_subject_pairs, synthetic.score_two_subjects) if two else (generate_pairs,
+                                                                                            synthetic.score)
+        a, b = (np.asarray(score(images, pairs)["per_sample"]["identity"], dtype=float)
+                for images in (run(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed)
                                for pipe in pipes))
         diff = b - a
         report[track] = {
@@ -56,7 +59,7 @@ def main() -> None:
     parser.add_argument("model_a")
     parser.add_argument("model_b")
     parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--track", action="append", choices=["clean", "distractor"])
+    parser.add_argument("--track", action="append", choices=list(TRACKS), help="default: clean and distractor")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
