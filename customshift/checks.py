@@ -220,3 +220,29 @@ def pipeline_geometry(pipe) -> tuple[int, int | None]:
     multiple = int(pipe.vae_scale_factor * config.patch_size)
     max_positions = getattr(config, "pos_embed_max_size", None)
     return multiple, (int(max_positions) * multiple if max_positions else None)
+
+
+def subject_spellings(prompt: str, subject: str) -> list[str]:
+    """The subject as given, then every other casing the prompt writes it in ("Robot" for "robot").
+
+    CLIP's tokenizer lowercases and T5's does not: matching these spellings token by token makes both
+    encoders find the subject in "a Robot on the beach".
+    """
+    found = [subject]
+    if subject:
+        for match in re.finditer(re.escape(subject), prompt, flags=re.IGNORECASE):
+            if match.group(0) not in found:
+                found.append(match.group(0))
+    return found
+
+
+def subject_missing_message(subject: str, prompt: str, limit: int = 80) -> str:
+    """The warning for a prompt in which no encoder found the subject's tokens, with the prompt shortened."""
+    shown = prompt if len(prompt) <= limit else f"{prompt[:limit - 1]}… ({len(prompt)} characters)"
+    if subject and subject.lower() in prompt.lower():
+        where = ("is written in the prompt %r only past the text encoders' token limit (truncated), or tokenized "
+                 "differently there")
+    else:
+        where = "does not appear in the prompt %r"
+    return (f"subject name %r {where}: the reference is applied with an unconditional shift (m_i = 1). Put the "
+            "subject's name early in the prompt.") % (subject, shown)

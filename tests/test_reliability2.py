@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import random_image
 from typer.testing import CliRunner
 
@@ -296,3 +297,38 @@ def test_batch_rerun_regenerates_an_image_whose_sidecar_stayed(tiny_folder, ref_
     assert result.exit_code == 0, result.output
     assert "wrote 1 image(s)" in result.output and "kept 1 existing" in result.output
     assert (out / "a.png").read_bytes() == first and (out / "b.png").stat().st_mtime_ns == kept
+
+
+# ------------------------------------------------------------------------ 11. subject matching, warnings
+class WordTokenizer:
+    """A word-level stand-in for CLIP's tokenizer (lowercases) and T5's (keeps case)."""
+
+    def __init__(self, lowercase: bool) -> None:
+        self.lowercase, self.vocab = lowercase, {}
+
+    def __call__(self, text, truncation=False, max_length=None, add_special_tokens=True):
+        from types import SimpleNamespace
+
+        words = (text.lower() if self.lowercase else text).split()
+        ids = [self.vocab.setdefault(w, len(self.vocab) + 2) for w in words] + ([1] if add_special_tokens else [])
+        return SimpleNamespace(input_ids=ids[:max_length] if truncation and max_length else ids)
+
+
+def test_subject_case_matches_in_both_text_encoders(tiny_pipe):
+    tiny_pipe.tokenizer, tiny_pipe.tokenizer_3 = WordTokenizer(lowercase=True), WordTokenizer(lowercase=False)
+    length = tiny_pipe.tokenizer_max_length + 64
+    lower = tiny_pipe.subject_token_weights(["a robot on the beach"], "robot", length)
+    upper = tiny_pipe.subject_token_weights(["a Robot on the beach"], "robot", length)
+    t5 = slice(tiny_pipe.tokenizer_max_length, None)
+    assert lower[0, t5].sum() > 0  # T5's tokens of the subject are found ...
+    assert torch.equal(upper, lower)  # ... whatever the prompt's casing, as CLIP's are
+
+
+def test_a_subject_past_truncation_is_warned_about_with_a_short_prompt(tiny_pipe, caplog):
+    prompt = "a photo of " + "very " * 400 + "robot"
+    length = tiny_pipe.tokenizer_max_length + 256
+    with caplog.at_level("WARNING", logger="customshift.pipeline"):
+        tiny_pipe.subject_token_weights([prompt], "robot", length)
+    (message,) = [r.getMessage() for r in caplog.records if "robot" in r.getMessage()]
+    assert "token limit" in message and f"({len(prompt)} characters)" in message
+    assert len(message) < 400 and prompt not in message
