@@ -193,13 +193,19 @@ def summary_markdown(summary: dict[str, Any], tracks) -> str:
 
 
 def demo_grid(pipe, out_dir: str | Path, *, n: int = 8, steps: int = 20, seed: int = 0, guidance_scale: float = 1.0,
-              layout: str = "random") -> Path:
-    """reference | generated | exact target for ``n`` held-out subjects, as one PNG (``demo.png``, or
-    ``demo-LAYOUT.png`` for a layout other than the spec's random one)."""
-    pairs = synthetic.evaluation_split(n=n, track="clean", layout=layout)
-    images = generate_pairs(pipe, pairs, steps=steps, seed=seed, guidance_scale=guidance_scale)
-    grid = synthetic.make_grid([[p.reference, g, p.target] for p, g in zip(pairs, images, strict=True)],
-                               labels=["reference", "generated", "target"])
-    path = Path(out_dir) / ("demo.png" if layout == "random" else f"demo-{layout}.png")
-    atomic_save_image(grid, path)
+              layout: str = "random", track: str = "clean") -> Path:
+    """reference(s) | generated | exact target for ``n`` held-out pairs of ``track`` (a `TRACKS` name), as one PNG:
+    ``demo.png`` for the clean track on the spec's random layout, else ``demo-TRACK[-LAYOUT].png``."""
+    pairs = track_pairs(track, n, layout)
+    if TRACKS[track].get("two_subjects"):
+        images = generate_two_subject_pairs(pipe, pairs, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        rows = [[*p.references, g, p.target] for p, g in zip(pairs, images, strict=True)]
+        labels = ["reference 1", "reference 2", "generated", "target"]
+    else:
+        images = generate_pairs(pipe, pairs, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        rows = [[p.reference, g, p.target] for p, g in zip(pairs, images, strict=True)]
+        labels = ["reference", "generated", "target"]
+    suffix = "".join(f"-{part}" for part, default in ((track, "clean"), (layout, "random")) if part != default)
+    path = Path(out_dir) / f"demo{suffix}.png"
+    atomic_save_image(synthetic.make_grid(rows, labels=labels), path)
     return path
