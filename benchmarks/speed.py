@@ -52,7 +52,6 @@ import statistics
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -361,12 +360,6 @@ def concatenated_reference(transformer: torch.nn.Module, reference_latents: torc
         del transformer.forward
 
 
-def pipeline_shim(transformer: torch.nn.Module, branch: torch.nn.Module, config: Any) -> types.SimpleNamespace:
-    """Just what ``CustomShiftPipeline.cads_state`` / ``_run_reference_branch`` read from ``self``, so the
-    transformer-level benchmark builds the CADS state with the pipeline's own code."""
-    return types.SimpleNamespace(customshift_config=config, reference_branch=branch, transformer=transformer)
-
-
 def subject_weights(batch_per_pass: int, text_len: int) -> torch.Tensor:
     """Rows for [negative pass; positive pass]: the subject name at one CLIP and one T5 position."""
     weights = torch.zeros(2 * batch_per_pass, text_len)
@@ -532,16 +525,17 @@ def fused_kernel_check(transformer: torch.nn.Module, state: Any, n_image: int) -
     from customshift.attention import _fused_attention_with_lse
 
     param = next(transformer.parameters())
-    name = next(iter(state.keys))
-    ref_key = state.keys[name]
+    reference = state.references[0]
+    name = next(iter(reference.keys))
+    ref_key = reference.keys[name]
     heads, head_dim = ref_key.shape[1], ref_key.shape[-1]
     query = torch.randn(2, heads, n_image, head_dim, device=param.device, dtype=param.dtype)
     expanded = ref_key.expand(2, heads, -1, -1)
     with torch.no_grad():
         return {
             "base": _fused_attention_with_lse(query, query, query) is not None,
-            "reference_expanded": _fused_attention_with_lse(query, expanded, state.values[name].expand_as(expanded))
-            is not None,
+            "reference_expanded": _fused_attention_with_lse(query, expanded,
+                                                            reference.values[name].expand_as(expanded)) is not None,
         }
 
 
@@ -561,7 +555,6 @@ def bench_transformer(
     tables = ProcessorTables(transformer)
     config = CustomShiftConfig(lora_rank=opts.branch_lora_rank)
     branch = ReferenceBranch(transformer, config).to(device=device, dtype=dtype).eval()
-    shim = pipeline_shim(transformer, branch, config)
     if opts.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in transformer.transformer_blocks:
@@ -570,7 +563,7 @@ def bench_transformer(
             block.compile()
 
     results = [
-        _bench_transformer_config(transformer, tables, shim, arch, resolution, reference, opts)
+        _bench_transformer_config(transformer, tables, branch, arch, resolution, reference, opts)
         for resolution, reference in pairs
     ]
 
@@ -586,14 +579,14 @@ def bench_transformer(
 def _bench_transformer_config(
     transformer: torch.nn.Module,
     tables: ProcessorTables,
-    shim: types.SimpleNamespace,
+    branch: torch.nn.Module,
     arch: Arch,
     resolution: int,
     reference: int,
     opts: Options,
 ) -> dict[str, Any]:
     """One (target, reference) configuration of ``bench_transformer``; all methods interleaved."""
-    from customshift.pipeline import CustomShiftPipeline
+    from customshift.attention import ReferenceSet, build_cads_state
 
     device, dtype = resolve_device(opts)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
@@ -623,10 +616,11 @@ def _bench_transformer_config(
     kv_dtype = reference_dtype(opts, dtype)
 
     def encode() -> Any:
-        keys, values = CustomShiftPipeline._run_reference_branch(shim, inputs)
+        keys, values = branch.encode(inputs)
         keys = {name: key.to(kv_dtype) for name, key in keys.items()}
         values = {name: value.to(kv_dtype) for name, value in values.items()}
-        return CustomShiftPipeline.cads_state(shim, keys, values, log_scale, weights)
+        reference = ReferenceSet(keys, values, log_scale, weights)
+        return build_cads_state(branch.config, branch.shift, [reference], device=device, dtype=dtype)
 
     def timed(body: Callable[[], Any]) -> float:
         synchronize(device)
@@ -678,7 +672,8 @@ def _bench_transformer_config(
             with PeakMemory(device) as peak:
                 methods[name]()
             memory[name] = peak.as_dict()
-        cache_bytes = sum(t.numel() * t.element_size() for d in (holder["state"].keys, holder["state"].values)
+        cached = holder["state"].references[0]
+        cache_bytes = sum(t.numel() * t.element_size() for d in (cached.keys, cached.values)
                           for t in d.values())
         samples = interleaved(methods, opts.n_step_warmup, opts.n_step_runs)
         state = holder.pop("state")

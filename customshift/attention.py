@@ -32,16 +32,21 @@ Reference-Alignment Branch (``customshift_capture``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import CustomShiftConfig
+
 __all__ = [
     "CADSAttnProcessor",
     "CADSState",
+    "ReferenceSet",
     "ShiftParameters",
+    "build_cads_state",
     "attention_with_lse",
     "cads_attention",
     "install_processors",
@@ -61,48 +66,116 @@ class ShiftParameters(nn.Module):
 
 
 @dataclass
-class CADSState:
-    """Everything the processors need for one transformer forward with a subject.
-
-    Built once per generation (outside the denoising loop) and passed as
-    ``joint_attention_kwargs={"customshift": state}``; each processor picks its own layer's entries.
+class ReferenceSet:
+    """One subject's cached reference keys/values and, per sample, how strongly and where it applies.
 
     Attributes:
-        keys / values: processor name -> reference K/V, shape (1 or B, heads, R, head_dim).
-        beta / gamma: processor name -> 0-d tensors (the shift parameters of that layer).
-        log_scale: (B,) log(shift_scale) per sample; -inf switches the reference off for that sample
+        keys / values: processor name -> reference K/V, shape (1 or P, heads, R, head_dim).
+        log_scale: (P,) log(shift_scale) per sample; -inf switches this reference off for that sample
             (the "no reference" pass of reference guidance).
-        subject_weights: (B, text_len) weights of the subject-name tokens in each sample's text
-            sequence (rows sum to 1), or all zeros where the prompt has no subject tokens.
+        subject_weights: (P, text_len) weights of this subject's name tokens in each sample's text sequence
+            (rows sum to 1), or a zero row where the prompt does not name the subject (then m_i = 1).
+    """
+
+    keys: dict[str, Tensor]
+    values: dict[str, Tensor]
+    log_scale: Tensor
+    subject_weights: Tensor | None = None
+
+
+@dataclass
+class CADSState:
+    """Everything the processors need for one transformer forward with one or several subjects.
+
+    Built once per generation (outside the denoising loop) by `build_cads_state` and passed as
+    ``joint_attention_kwargs={"customshift": state}``; each processor picks its own layer's entries.
+    The rows of each `ReferenceSet` are the samples of the batch; a forward whose batch is k times
+    larger is classifier-free guidance as diffusers batches it, [negative; positive]: the leading
+    chunks are negative-prompt passes (same shift scale, no subject tokens, so m_i = 1).
+
+    Attributes:
+        references: the subjects, each with its own reference set and its own subject relevance m_i.
+        beta / gamma: processor name -> 0-d tensors (the shift parameters of that layer).
         conditional: use m_i (False: the shift is the same for every query).
         mass: image queries' shift is the log-odds of their reference mass (False: a logit shift).
         form: "split" or "mask".
         text_queries_attend_reference: whether text queries see the reference keys.
     """
 
-    keys: dict[str, Tensor]
-    values: dict[str, Tensor]
+    references: list[ReferenceSet]
     beta: dict[str, Tensor]
     gamma: dict[str, Tensor]
-    log_scale: Tensor
-    subject_weights: Tensor | None = None
     conditional: bool = True
     mass: bool = False
     form: str = "split"
     text_queries_attend_reference: bool = False
-    has_subject: Tensor | None = field(default=None, init=False)
-    active: bool = field(default=True, init=False)
-    base_shift: dict[str, Tensor] = field(default_factory=dict, init=False)
+    _rows: dict[tuple[int, int], tuple[Tensor, Tensor | None, Tensor | None]] = field(
+        default_factory=dict, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        # Work done once per generation here, not in the per-step hot path. With shift_scale == 0 no
-        # sample attends to the reference and every processor computes plain SD3 exactly.
-        self.active = not bool(torch.isneginf(self.log_scale).all())
-        log_scale = self.log_scale.float().view(-1, 1)
-        self.base_shift = {name: beta.float() + log_scale for name, beta in self.beta.items()}  # (B, 1)
-        if self.subject_weights is not None:
-            self.has_subject = (self.subject_weights.sum(-1) > 0).view(-1, 1)
-            self.subject_weights = self.subject_weights[:, None, None, :]  # (B, 1, 1, T) for one matmul
+    @property
+    def active(self) -> bool:
+        return bool(self.references)
+
+    def rows(self, index: int, batch: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Reference ``index``'s (log_scale (batch, 1), subject weights (batch, 1, 1, T), has_subject (batch, 1)).
+
+        Computed once per batch size, not in every layer.
+        """
+        cached = self._rows.get((index, batch))
+        if cached is None:
+            ref = self.references[index]
+            log_scale, weights = ref.log_scale.float(), ref.subject_weights
+            rows = log_scale.shape[0]
+            if batch != rows:
+                if batch % rows:
+                    raise ValueError(f"CADS state has {rows} rows per pass; a batch of {batch} is not a multiple")
+                log_scale = log_scale.repeat(batch // rows)
+                if weights is not None:
+                    weights = torch.cat([weights.new_zeros((batch - rows, weights.shape[1])), weights])
+            has_subject = None if weights is None else (weights.sum(-1) > 0).view(-1, 1)
+            cached = (log_scale.view(-1, 1), None if weights is None else weights[:, None, None, :], has_subject)
+            self._rows[(index, batch)] = cached
+        return cached
+
+
+def build_cads_state(
+    config: CustomShiftConfig,
+    shift: ShiftParameters,
+    references: Sequence[ReferenceSet],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    trainable: bool = False,
+) -> CADSState:
+    """The per-forward CADS inputs from the config, the shift parameters and the reference sets.
+
+    Used alike by the pipeline, the trainer, the probe and the benchmarks. ``dtype`` is the model's; a
+    cache stored in lower precision stays in it (``encode_subject(dtype=...)``). A reference that is off
+    for every sample (shift_scale 0) is left out, so it changes nothing, exactly. ``trainable=True`` keeps
+    the graph to beta/gamma (training).
+    """
+    kept = []
+    for ref in references:
+        if bool(torch.isneginf(ref.log_scale).all()):
+            continue
+        kv_dtype = next(iter(ref.keys.values())).dtype if ref.keys else dtype
+        kv_dtype = dtype if kv_dtype.itemsize >= dtype.itemsize else kv_dtype
+        weights = None if ref.subject_weights is None else ref.subject_weights.to(device)
+        kept.append(ReferenceSet(
+            keys={n: k.to(device, kv_dtype) for n, k in ref.keys.items()},
+            values={n: v.to(device, kv_dtype) for n, v in ref.values.items()},
+            log_scale=ref.log_scale.to(device), subject_weights=weights,
+        ))
+    beta = shift.beta if trainable else shift.beta.detach()
+    gamma = shift.gamma if trainable else shift.gamma.detach()
+    return CADSState(
+        references=kept,
+        beta={n: beta[i].to(device) for n, i in shift.index.items()},
+        gamma={n: gamma[i].to(device) for n, i in shift.index.items()},
+        conditional=config.conditional_shift,
+        mass=config.cads_shift == "mass",
+        form=config.cads_form,
+        text_queries_attend_reference=config.text_queries_attend_reference,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,17 +235,18 @@ def subject_relevance(image_query: Tensor, text_key: Tensor, subject_weights: Te
     return relevance.mean(dim=1)
 
 
-def _shift_logits(state: CADSState, name: str, image_query: Tensor, text_key: Tensor | None) -> Tensor:
-    """beta_i for every image query: (B, N_image), float32."""
-    beta = state.base_shift[name]  # beta_l + log(shift_scale), (B, 1)
+def _shift_logits(state: CADSState, index: int, name: str, image_query: Tensor, text_key: Tensor | None) -> Tensor:
+    """beta_i of reference ``index`` for every image query: (B, N_image), float32."""
+    log_scale, weights, has_subject = state.rows(index, image_query.shape[0])
+    beta = state.beta[name].float() + log_scale  # beta_l + log(shift_scale), (B, 1)
     if not state.conditional:
         return beta.expand(-1, image_query.shape[2])
-    if text_key is None or state.subject_weights is None:
+    if text_key is None or weights is None:
         # No prompt tokens here (SD3.5's image-only attn2): the subject relevance is not defined,
         # so the shift is unconditional with m_i = 1 (documented fallback).
         return beta + state.gamma[name].float()
-    relevance = subject_relevance(image_query, text_key, state.subject_weights)
-    relevance = torch.where(state.has_subject, relevance, torch.ones_like(relevance))
+    relevance = subject_relevance(image_query, text_key, weights)
+    relevance = torch.where(has_subject, relevance, torch.ones_like(relevance))
     return beta + state.gamma[name].float() * relevance
 
 
@@ -180,9 +254,9 @@ def cads_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    ref_key: Tensor,
-    ref_value: Tensor,
-    shift: Tensor,
+    ref_key: Tensor | Sequence[Tensor],
+    ref_value: Tensor | Sequence[Tensor],
+    shift: Tensor | Sequence[Tensor],
     num_image_tokens: int,
     form: str = "split",
     text_queries_attend_reference: bool = False,
@@ -194,39 +268,48 @@ def cads_attention(
         query, key, value: (B, H, N, d) for the joint [image; text] sequence (or image only).
         ref_key, ref_value: (1 or B, H, R, d); expanded, never copied, to the batch. When they are stored in
             a lower precision than the queries (a bf16 cache on a float32 model), the attention over them
-            is computed in theirs.
-        shift: (B, N_image) shift beta_i of each image query (float32; -inf = no reference).
+            is computed in theirs. A list of them: several reference sets (subjects), each with its shift.
+        shift: (B, N_image) shift beta_i of each image query (float32; -inf = no reference), or one per set.
         num_image_tokens: the image queries come first in the sequence.
         text_queries_attend_reference: text queries get logit shift 0 (plain union) instead of -inf.
         mass: ``shift`` is the log-odds of the image queries' reference mass, not a logit shift.
     """
+    if isinstance(ref_key, Tensor):
+        ref_key, ref_value, shift = [ref_key], [ref_value], [shift]
     batch, heads = query.shape[:2]
-    ref_key = ref_key.expand(batch, heads, -1, -1)
-    ref_value = ref_value.expand(batch, heads, -1, -1)
+    ref_key = [k.expand(batch, heads, -1, -1) for k in ref_key]
+    ref_value = [v.expand(batch, heads, -1, -1) for v in ref_value]
     num_text = query.shape[2] - num_image_tokens
     if text_queries_attend_reference and num_text:
-        shift = torch.cat([shift, shift.new_zeros(batch, num_text)], dim=1)
+        shift = [torch.cat([s, s.new_zeros(batch, num_text)], dim=1) for s in shift]
     if form == "mask":
-        ref_key, ref_value = ref_key.to(query.dtype), ref_value.to(query.dtype)
+        ref_key, ref_value = [k.to(query.dtype) for k in ref_key], [v.to(query.dtype) for v in ref_value]
         return _cads_masked(query, key, value, ref_key, ref_value, shift, num_image_tokens if mass else 0)
     if form != "split":
         raise ValueError(f"unknown CADS form {form!r}; use 'split' or 'mask'")
-    attending = shift.shape[1]  # queries that see the reference (image, or image + text)
-    if mass and attending == num_image_tokens:
-        # The mass is sigmoid(beta_i) itself: no log-sum-exp needed, two plain fused attentions.
+    attending = shift[0].shape[1]  # queries that see the reference (image, or image + text)
+    plain_mass = mass and attending == num_image_tokens  # the mass is sigmoid(beta_i): no log-sum-exp needed
+    if plain_mass:
         base_out = F.scaled_dot_product_attention(query, key, value)
-        ref_query = query[:, :, :attending].to(ref_key.dtype)
-        ref_out = F.scaled_dot_product_attention(ref_query, ref_key, ref_value).to(query.dtype)
-        logits = shift[:, None, :]
     else:
         base_out, base_lse = attention_with_lse(query, key, value)
-        ref_out, ref_lse = attention_with_lse(query[:, :, :attending].to(ref_key.dtype), ref_key, ref_value)
-        ref_out = ref_out.to(query.dtype)
-        logits = ref_lse - base_lse[:, :, :attending] + shift[:, None, :]
+    ref_outs, logits = [], []
+    for k, v, s in zip(ref_key, ref_value, shift, strict=True):
+        ref_query = query[:, :, :attending].to(k.dtype)
+        if plain_mass:
+            ref_outs.append(F.scaled_dot_product_attention(ref_query, k, v).to(query.dtype))
+            logits.append(s[:, None, :])
+            continue
+        ref_out, ref_lse = attention_with_lse(ref_query, k, v)
+        ref_outs.append(ref_out.to(query.dtype))
+        logit = ref_lse - base_lse[:, :, :attending] + s[:, None, :]
         if mass:  # the image queries' mass is sigmoid(beta_i) itself; text queries keep the plain union
-            logits = torch.cat([shift[:, None, :num_image_tokens].expand(-1, heads, -1),
-                                logits[:, :, num_image_tokens:]], dim=2)
-    mix = torch.sigmoid(logits).to(query.dtype).unsqueeze(-1)
+            logit = torch.cat([s[:, None, :num_image_tokens].expand(-1, heads, -1), logit[:, :, num_image_tokens:]],
+                              dim=2)
+        logits.append(logit)
+    if len(ref_outs) > 1:
+        return _mix_several(base_out, ref_outs, logits, attending)
+    ref_out, mix = ref_outs[0], torch.sigmoid(logits[0]).to(query.dtype).unsqueeze(-1)
     if not torch.is_grad_enabled():
         # Inference: mix in place, no temporaries and no re-concatenation of the whole output.
         base_out[:, :, :attending].lerp_(ref_out, mix)
@@ -237,25 +320,40 @@ def cads_attention(
     return torch.cat([mixed, base_out[:, :, attending:]], dim=2)
 
 
-def _cads_masked(query: Tensor, key: Tensor, value: Tensor, ref_key: Tensor, ref_value: Tensor, shift: Tensor,
-                 num_mass_queries: int = 0):
+def _mix_several(base_out: Tensor, ref_outs: list[Tensor], logits: list[Tensor], attending: int) -> Tensor:
+    """out_i = w_0 out_i^B + sum_k w_k out_i^(R_k), w = softmax(0, logit_1, ..., logit_K) (docs/method.md)."""
+    logits = torch.broadcast_tensors(*logits)
+    weights = torch.softmax(torch.stack([torch.zeros_like(logits[0]), *logits]), dim=0).to(base_out.dtype)
+    weights = weights.unsqueeze(-1)
+    mixed = weights[0] * base_out[:, :, :attending]
+    for weight, ref_out in zip(weights[1:], ref_outs, strict=True):
+        mixed = mixed + weight * ref_out
+    if attending == base_out.shape[2]:
+        return mixed
+    return torch.cat([mixed, base_out[:, :, attending:]], dim=2)
+
+
+def _cads_masked(query: Tensor, key: Tensor, value: Tensor, ref_keys: list[Tensor], ref_values: list[Tensor],
+                 shifts: list[Tensor], num_mass_queries: int = 0) -> Tensor:
     batch, heads, num_queries, _ = query.shape
-    num_ref = ref_key.shape[2]
-    padded = torch.full((batch, 1, num_queries), float("-inf"), device=query.device)
-    padded[:, 0, : shift.shape[1]] = shift
-    if num_mass_queries:
-        # The multiplier that gives mass sigmoid(beta_i): beta_i - (LSE_R - LSE_B), per head.
-        scale = 1.0 / math.sqrt(query.shape[-1])
-        mass_query = query[:, :, :num_mass_queries]
-        gap = (torch.logsumexp(torch.matmul(mass_query, ref_key.transpose(-1, -2)).float() * scale, dim=-1)
-               - torch.logsumexp(torch.matmul(mass_query, key.transpose(-1, -2)).float() * scale, dim=-1))
-        padded = padded.expand(-1, heads, -1).clone()
-        padded[:, :, :num_mass_queries] = padded[:, :, :num_mass_queries] - gap
-    mask = query.new_zeros(batch, padded.shape[1], num_queries, key.shape[2] + num_ref, dtype=torch.float32)
-    mask[:, :, :, key.shape[2] :] = padded[:, :, :, None]
-    return F.scaled_dot_product_attention(
-        query, torch.cat([key, ref_key], dim=2), torch.cat([value, ref_value], dim=2), attn_mask=mask.to(query.dtype)
-    )
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    mask_heads = heads if num_mass_queries else 1  # the mass form's multiplier differs per head
+    columns = []
+    for ref_key, shift in zip(ref_keys, shifts, strict=True):
+        padded = torch.full((batch, 1, num_queries), float("-inf"), device=query.device)
+        padded[:, 0, : shift.shape[1]] = shift
+        if num_mass_queries:
+            # The multiplier that gives mass sigmoid(beta_i): beta_i - (LSE_R - LSE_B), per head.
+            mass_query = query[:, :, :num_mass_queries]
+            gap = (torch.logsumexp(torch.matmul(mass_query, ref_key.transpose(-1, -2)).float() * scale, dim=-1)
+                   - torch.logsumexp(torch.matmul(mass_query, key.transpose(-1, -2)).float() * scale, dim=-1))
+            padded = padded.expand(-1, heads, -1).clone()
+            padded[:, :, :num_mass_queries] = padded[:, :, :num_mass_queries] - gap
+        columns.append(padded[:, :, :, None].expand(-1, mask_heads, -1, ref_key.shape[2]))
+    base = query.new_zeros(batch, mask_heads, num_queries, key.shape[2], dtype=torch.float32)
+    mask = torch.cat([base, *columns], dim=3)
+    keys, values = torch.cat([key, *ref_keys], dim=2), torch.cat([value, *ref_values], dim=2)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask.to(query.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,17 +383,15 @@ class CADSAttnProcessor:
     ):
         batch = hidden_states.shape[0]
         num_image = hidden_states.shape[1]
-        query, key, value = _project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        fused = getattr(attn, "fused_projections", False)  # after fuse_qkv_projections: one matmul for q, k, v
+        query, key, value = _project(attn, hidden_states, attn.to_qkv if fused else (attn.to_q, attn.to_k, attn.to_v),
+                                     attn.norm_q, attn.norm_k)
         text_key = None
         if encoder_hidden_states is not None:
             text_q, text_key, text_v = _project(
-                attn,
-                encoder_hidden_states,
-                attn.add_q_proj,
-                attn.add_k_proj,
-                attn.add_v_proj,
-                attn.norm_added_q,
-                attn.norm_added_k,
+                attn, encoder_hidden_states,
+                attn.to_added_qkv if fused else (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                attn.norm_added_q, attn.norm_added_k,
             )
             query = torch.cat([query, text_q], dim=2)
             key = torch.cat([key, text_key], dim=2)
@@ -304,19 +400,16 @@ class CADSAttnProcessor:
         if customshift_capture is not None:
             customshift_capture[self.name] = (key[:, :, :num_image], value[:, :, :num_image])
 
-        if customshift is not None and customshift.active and self.name in customshift.keys:
-            shift = _shift_logits(customshift, self.name, query[:, :, :num_image], text_key)
+        if customshift is not None and customshift.active and self.name in customshift.beta:
+            image_query = query[:, :, :num_image]
+            refs = customshift.references
+            shifts = [_shift_logits(customshift, i, self.name, image_query, text_key) for i in range(len(refs))]
+            keys, values = [r.keys[self.name] for r in refs], [r.values[self.name] for r in refs]
+            if len(refs) == 1:
+                keys, values, shifts = keys[0], values[0], shifts[0]
             out = cads_attention(
-                query,
-                key,
-                value,
-                customshift.keys[self.name],
-                customshift.values[self.name],
-                shift,
-                num_image,
-                form=customshift.form,
-                text_queries_attend_reference=customshift.text_queries_attend_reference,
-                mass=customshift.mass,
+                query, key, value, keys, values, shifts, num_image, form=customshift.form,
+                text_queries_attend_reference=customshift.text_queries_attend_reference, mass=customshift.mass,
             )
         else:
             mask = None
@@ -337,9 +430,13 @@ class CADSAttnProcessor:
         return out
 
 
-def _project(attn, states: Tensor, to_q, to_k, to_v, norm_q, norm_k) -> tuple[Tensor, Tensor, Tensor]:
+def _project(attn, states: Tensor, projections, norm_q, norm_k) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys, values (B, H, N, d) from three projections, or one fused one (``to_qkv``)."""
     batch = states.shape[0]
-    query, key, value = to_q(states), to_k(states), to_v(states)
+    if isinstance(projections, nn.Module):
+        query, key, value = projections(states).chunk(3, dim=-1)
+    else:
+        query, key, value = (projection(states) for projection in projections)
     head_dim = key.shape[-1] // attn.heads
     query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
     if norm_q is not None:

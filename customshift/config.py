@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,10 +90,15 @@ class CustomShiftConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomShiftConfig:
+        """The config saved in a file; every value's type is checked (a file may come from anywhere)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a CustomShiftConfig is a JSON object, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown CustomShiftConfig fields {unknown}; is this file from a newer version?")
+        for name, value in data.items():
+            _check_field(name, value)
         return cls(**data)
 
     def to_json(self) -> str:
@@ -100,3 +106,35 @@ class CustomShiftConfig:
 
     def replace(self, **changes: Any) -> CustomShiftConfig:
         return dataclasses.replace(self, **changes)
+
+
+# The T5 length SD3's encode_prompt accepts (StableDiffusion3Pipeline.check_inputs refuses more than 512).
+MAX_SEQUENCE_LENGTH = 512
+_INTS = {"lora_rank", "generation_lora_rank"}
+_FLOATS = {"lora_alpha", "beta_init", "gamma_init"}
+_BOOLS = {"lora_feedforward", "subject_tokens_in_reference", "conditional_shift", "learn_shift",
+          "text_queries_attend_reference"}
+_CHOICES = {"reference_positions": ("same", "offset"), "cads_form": ("split", "mask"), "cads_shift": ("mass", "logit")}
+
+
+def _check_field(name: str, value: Any) -> None:
+    """Refuse a value of the wrong type for ``name`` (bool is not an int here, and floats must be finite)."""
+    def wrong(expected: str) -> TypeError:
+        return TypeError(f"config field {name!r} must be {expected}, got {value!r}")
+
+    if name in _INTS and (isinstance(value, bool) or not isinstance(value, int)):
+        raise wrong("an integer")
+    if name in _FLOATS and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise wrong("a finite number")
+    if name in _BOOLS and not isinstance(value, bool):
+        raise wrong("true or false")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise wrong(" or ".join(repr(c) for c in _CHOICES[name]))
+    if name == "lora_targets" and (not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value)):
+        raise wrong("a list of module-name strings")
+    if name == "max_sequence_length" and value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQUENCE_LENGTH
+    ):
+        raise wrong(f"null or an integer from 1 to {MAX_SEQUENCE_LENGTH}")
+    if name == "extra" and not isinstance(value, dict):
+        raise wrong("a JSON object")

@@ -32,11 +32,8 @@ def default_weights_path() -> Path | None:
 
 
 def load_default_pipeline(device: str | None = None):
-    """The default pipeline with its CustomShift weights loaded."""
+    """The default pipeline; ``from_pretrained`` loads its ``customshift/`` weights (docs/diffusers.md)."""
     from .pipeline import CustomShiftPipeline
 
     pipe = CustomShiftPipeline.from_pretrained(default_model_path())
-    weights = default_weights_path()
-    if weights is not None:
-        pipe.load_customshift(weights)
     return pipe.to(device) if device else pipe

@@ -26,3 +26,15 @@ class ManifestError(CustomShiftError, ValueError):
 
 class PromptError(CustomShiftError, ValueError):
     """A prompt or subject name is unusable (empty, ...)."""
+
+
+class WeightsError(IncompatibleWeightsError):
+    """A CustomShift weights folder is unusable: its manifest, its config or its weights file is wrong."""
+
+
+class WeightsNotFoundError(WeightsError):
+    """No CustomShift weights where they were looked for (folder, hub repository, subfolder)."""
+
+
+class SubjectEmbeddingError(IncompatibleWeightsError):
+    """A subject embedding file is damaged (NaN, shapes, metadata) or does not fit the pipeline's layers."""

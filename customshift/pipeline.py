@@ -16,33 +16,40 @@ both passes (two passes per step, as plain SD3).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from PIL import Image
 from torch import Tensor
+from transformers import (
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from .attention import CADSState, install_processors
 from .config import CustomShiftConfig
 from .errors import IncompatibleWeightsError, PromptError
-from .io import file_sha256
-from .reference import ReferenceBranch, SubjectEmbedding, base_fingerprint, make_lora_config, tensors_fingerprint
+from .loaders import (  # noqa: F401 - the names callers import from here
+    GENERATION_ADAPTER,
+    MANIFEST_NAME,
+    TRAINING_FREE,
+    WEIGHTS_FORMAT,
+    WEIGHTS_NAME,
+    CustomShiftLoaderMixin,
+)
+from .reference import ReferenceBranch, SubjectEmbedding, base_fingerprint, tensors_fingerprint
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_FORMAT = "customshift-weights/1"
-WEIGHTS_NAME = "customshift.safetensors"
-MANIFEST_NAME = "customshift.json"
-TRAINING_FREE = "training-free"
-GENERATION_ADAPTER = "generation"
 
 
 def find_token_positions(token_ids: Sequence[int], pattern: Sequence[int]) -> list[int]:
@@ -58,7 +65,7 @@ def find_token_positions(token_ids: Sequence[int], pattern: Sequence[int]) -> li
     return positions
 
 
-class CustomShiftPipeline(StableDiffusion3Pipeline):
+class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
     """Subject-driven generation on any SD3-family checkpoint, tuning-free.
 
     ``encode_subject(images, name)`` runs the Reference-Alignment Branch once; ``__call__(prompt,
@@ -67,8 +74,21 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
     training-free (no LoRA, CADS with the default shift).
     """
 
-    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 text_encoder_3, tokenizer_3, image_encoder=None, feature_extractor=None) -> None:
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_3: T5EncoderModel,
+        tokenizer_3: T5TokenizerFast,
+        image_encoder: SiglipVisionModel = None,
+        feature_extractor: SiglipImageProcessor = None,
+    ) -> None:
+        # Typed as the parent's: diffusers' from_pipe and from_single_file map components by these types.
         super().__init__(
             transformer=transformer,
             scheduler=scheduler,
@@ -117,80 +137,6 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
         self._weights_fingerprint = None
         if base:
             self._base_fingerprint = None
-
-    def save_customshift(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write the trained CustomShift weights and their manifest to a folder (atomic per file)."""
-        from .io import atomic_save_safetensors, atomic_write_json
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().contiguous().cpu() for k, v in self.customshift_state_dict().items()}
-        weights_path = folder / WEIGHTS_NAME
-        atomic_save_safetensors(state, weights_path, metadata={"format": WEIGHTS_FORMAT})
-        manifest = {
-            "format": WEIGHTS_FORMAT,
-            "base_fingerprint": self.base_fingerprint,
-            "base_model": getattr(self.config, "_name_or_path", None),
-            "config": self.customshift_config.to_dict(),
-            "weights": WEIGHTS_NAME,
-            "weights_sha256": file_sha256(weights_path),
-            "extra": extra or {},
-        }
-        atomic_write_json(folder / MANIFEST_NAME, manifest)
-        return folder
-
-    def customshift_state_dict(self) -> dict[str, Tensor]:
-        """Everything CustomShift adds: the branch's LoRA, the shift parameters, the generation LoRA if any."""
-        state = self.reference_branch.trainable_state_dict()
-        if self.customshift_config.generation_lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-
-            lora = get_peft_model_state_dict(self.transformer, adapter_name=GENERATION_ADAPTER)
-            state.update({f"generation_lora.{k}": v for k, v in lora.items()})
-        return state
-
-    def add_generation_lora(self) -> None:
-        """Add the optional generation-branch LoRA of ``customshift_config`` (once)."""
-        if GENERATION_ADAPTER not in (getattr(self.transformer, "peft_config", None) or {}):
-            config = self.customshift_config
-            self.transformer.add_adapter(make_lora_config(config, config.generation_lora_rank), GENERATION_ADAPTER)
-
-    def load_customshift(self, path_or_id: str | Path, *, check_base: bool = True, **hub_kwargs: Any) -> None:
-        """Load trained CustomShift weights from a folder or a hub repository id.
-
-        The manifest's base-model fingerprint is checked before anything is loaded: weights made for
-        another base model raise `IncompatibleWeightsError` (``check_base=False`` skips the check).
-        """
-        from safetensors.torch import load_file
-
-        folder = _resolve_weights_folder(path_or_id, **hub_kwargs)
-        manifest = _read_manifest(folder)
-        if check_base and manifest["base_fingerprint"] != self.base_fingerprint:
-            raise IncompatibleWeightsError(
-                f"{path_or_id}: these CustomShift weights were made for another base model "
-                f"(fingerprint {manifest['base_fingerprint']}, this model is {self.base_fingerprint}; "
-                f"base model recorded: {manifest.get('base_model')!r}). Load the matching base model."
-            )
-        weights_path = folder / manifest["weights"]
-        if file_sha256(weights_path) != manifest["weights_sha256"]:
-            raise IncompatibleWeightsError(f"{weights_path}: checksum mismatch; the file is corrupt or was replaced")
-        # Weights saved before ``cads_shift`` existed were trained with the logit form.
-        config = CustomShiftConfig.from_dict({"cads_shift": "logit", **manifest["config"]})
-        branch = self.set_customshift_config(config)
-        try:
-            state = load_file(str(weights_path))
-            branch.load_trainable_state_dict(state)
-            if config.generation_lora_rank > 0:
-                from peft.utils import set_peft_model_state_dict
-
-                self.add_generation_lora()
-                prefix = "generation_lora."
-                lora = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                set_peft_model_state_dict(self.transformer, lora, adapter_name=GENERATION_ADAPTER)
-        except (KeyError, RuntimeError, ValueError) as error:
-            raise IncompatibleWeightsError(f"{weights_path}: weights do not fit this model ({error})") from None
-        branch.to(self.transformer.device)
-        self._weights_fingerprint = tensors_fingerprint(self.customshift_state_dict())
 
     # ------------------------------------------------------------------------------------------------------
     # Subjects
@@ -594,36 +540,3 @@ class CustomShiftPipeline(StableDiffusion3Pipeline):
             state.keys = {n: k.to(self.transformer.dtype) for n, k in keys.items()}
             state.values = {n: v.to(self.transformer.dtype) for n, v in values.items()}
 
-
-def _resolve_weights_folder(path_or_id: str | Path, **hub_kwargs: Any) -> Path:
-    folder = Path(path_or_id)
-    if folder.is_dir():
-        return folder
-    if folder.is_file():
-        raise IncompatibleWeightsError(f"{folder}: expected a CustomShift weights folder (with {MANIFEST_NAME})")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(path_or_id), allow_patterns=[MANIFEST_NAME, "*.safetensors"], **hub_kwargs))
-    except Exception as error:  # noqa: BLE001 - any hub failure becomes one clear message
-        raise IncompatibleWeightsError(
-            f"{path_or_id}: not a local folder and could not be fetched from the hub ({type(error).__name__}). "
-            "Download it on a connected machine and pass the folder."
-        ) from None
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise IncompatibleWeightsError(f"{folder}: no {MANIFEST_NAME}; not a CustomShift weights folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IncompatibleWeightsError(f"{path}: unreadable manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != WEIGHTS_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise IncompatibleWeightsError(f"{path}: format {found!r} is not {WEIGHTS_FORMAT!r}")
-    missing = {"base_fingerprint", "config", "weights", "weights_sha256"} - set(manifest)
-    if missing:
-        raise IncompatibleWeightsError(f"{path}: manifest lacks {sorted(missing)}")
-    return manifest

@@ -255,6 +255,13 @@ class ReferenceBranch(nn.Module):
                 params += [self.shift.gamma]
         return params
 
+    def encode(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One subject's keys/values, (1, heads, R, head_dim): several references' tokens joined side by side."""
+        kv = self(**inputs)
+        keys = {n: k.transpose(0, 1).reshape(1, k.shape[1], -1, k.shape[-1]) for n, (k, _) in kv.items()}
+        values = {n: v.transpose(0, 1).reshape(1, v.shape[1], -1, v.shape[-1]) for n, (_, v) in kv.items()}
+        return keys, values
+
     def forward(
         self,
         reference_latents: Tensor,

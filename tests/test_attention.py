@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention, JointAttnProcessor2_
 from customshift.attention import (
     CADSAttnProcessor,
     CADSState,
+    ReferenceSet,
     attention_with_lse,
     cads_attention,
     subject_relevance,
@@ -183,9 +184,9 @@ def test_processor_applies_cads_and_expands_reference_batch():
     plain = attn(x, encoder_hidden_states=c)
     ref = torch.randn(1, 4, 6, 4)
     state = CADSState(
-        keys={"block": ref}, values={"block": ref.flip(-1)}, beta={"block": torch.tensor(0.0)},
-        gamma={"block": torch.tensor(1.0)}, log_scale=torch.zeros(4),
-        subject_weights=torch.tensor([[1.0, 0, 0, 0, 0]] * 4),
+        references=[ReferenceSet(keys={"block": ref}, values={"block": ref.flip(-1)}, log_scale=torch.zeros(4),
+                                 subject_weights=torch.tensor([[1.0, 0, 0, 0, 0]] * 4))],
+        beta={"block": torch.tensor(0.0)}, gamma={"block": torch.tensor(1.0)},
     )
     shifted = attn(x, encoder_hidden_states=c, customshift=state)
     assert not torch.allclose(plain[0], shifted[0])
@@ -194,3 +195,56 @@ def test_processor_applies_cads_and_expands_reference_batch():
     capture = {}
     attn(x, encoder_hidden_states=c, customshift_capture=capture)
     assert capture["block"][0].shape == (4, 4, 9, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several reference sets (several subjects): docs/method.md, "Several subjects"
+
+
+@pytest.mark.parametrize("text_attends", [False, True])
+@pytest.mark.parametrize("form", ["split", "mask"])
+def test_several_reference_sets_match_the_gibbs_form_with_one_shift_per_set(form, text_attends):
+    q, k, v, rk, rv = _qkv(seed=5)
+    _, _, _, rk2, rv2 = _qkv(seed=6, r=4)
+    num_image, batch, heads = 7, 2, 3
+    shifts = [torch.randn(batch, num_image) * 2, torch.randn(batch, num_image) * 2]
+    out = cads_attention(q, k, v, [rk, rk2], [rv, rv2], shifts, num_image, form=form,
+                         text_queries_attend_reference=text_attends)
+    # p'(j) proportional to exp(s_ij + beta_ik [j in R_k]) over [base; R_1; R_2], written out.
+    keys = torch.cat([k, rk.expand(batch, heads, -1, -1), rk2.expand(batch, heads, -1, -1)], 2)
+    values = torch.cat([v, rv.expand(batch, heads, -1, -1), rv2.expand(batch, heads, -1, -1)], 2)
+    scores = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    start = k.shape[2]
+    for shift, ref in zip(shifts, (rk, rk2), strict=True):
+        bias = torch.full((batch, q.shape[2]), 0.0 if text_attends else -math.inf)
+        bias[:, :num_image] = shift
+        scores[..., start : start + ref.shape[2]] += bias[:, None, :, None]
+        start += ref.shape[2]
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["split", "mask"])
+def test_several_reference_sets_get_exactly_their_constrained_masses(form):
+    q, k, v, rk, rv = _qkv(seed=7)
+    _, _, _, rk2, _ = _qkv(seed=8)
+    ones = torch.ones_like(rv)
+    shifts = [torch.randn(2, 10), torch.randn(2, 10)]
+    # Values 1 on one reference set, 0 elsewhere: the output is that set's attention mass.
+    zero = torch.zeros_like(v)
+    mass_1 = cads_attention(q, k, zero, [rk, rk2], [ones, 0 * ones], shifts, 10, form=form, mass=True)[..., 0]
+    mass_2 = cads_attention(q, k, zero, [rk, rk2], [0 * ones, ones], shifts, 10, form=form, mass=True)[..., 0]
+    denominator = 1 + shifts[0].exp() + shifts[1].exp()  # rho_k = e^beta_k / (1 + sum_m e^beta_m)
+    torch.testing.assert_close(mass_1, (shifts[0].exp() / denominator)[:, None].expand_as(mass_1), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(mass_2, (shifts[1].exp() / denominator)[:, None].expand_as(mass_2), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_a_reference_set_switched_off_leaves_the_other_exactly():
+    q, k, v, rk, rv = _qkv(seed=9)
+    _, _, _, rk2, rv2 = _qkv(seed=10)
+    shift = torch.randn(2, 10)
+    single = cads_attention(q, k, v, rk, rv, shift, 10, mass=True)
+    off = torch.full((2, 10), -math.inf)
+    both = cads_attention(q, k, v, [rk, rk2], [rv, rv2], [shift, off], 10, mass=True)
+    torch.testing.assert_close(both, single, atol=1e-6, rtol=1e-6)

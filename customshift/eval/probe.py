@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import synthetic
+from ..attention import ReferenceSet, build_cads_state
 
 SIGMAS = (0.5, 0.7, 0.85, 0.95)
 CONDITIONS = ("right", "wrong", "none")
@@ -73,11 +74,13 @@ def colour_recovery(
                 kwargs = None
                 if cond != "none":
                     chosen = subjects[cond][part]
-                    state = pipe.cads_state(
+                    reference = ReferenceSet(
                         keys={name: torch.cat([s.keys[name] for s in chosen]) for name in chosen[0].keys},
                         values={name: torch.cat([s.values[name] for s in chosen]) for name in chosen[0].values},
                         log_scale=torch.zeros(n), subject_weights=weights[part],
                     )
+                    state = build_cads_state(pipe.customshift_config, pipe.reference_branch.shift, [reference],
+                                             device=device, dtype=dtype)
                     kwargs = {"customshift": state}
                 velocity = pipe.transformer(
                     hidden_states=noisy[part], timestep=torch.full((n,), sigma * 1000.0, device=device),

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..attention import ReferenceSet, build_cads_state
 from ..errors import CustomShiftError
 from ..io import (
     atomic_path,
@@ -152,7 +153,6 @@ class Objective(nn.Module):
         object.__setattr__(self, "_pipe", pipe)  # not a submodule: its VAE/text encoders are frozen
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        pipe = self._pipe
         x0, noise, sigmas = batch["target_latents"], batch["noise"], batch["sigmas"]
         s = sigmas.view(-1, 1, 1, 1)
         noisy = ((1.0 - s) * x0 + s * noise).to(self.transformer.dtype)
@@ -161,13 +161,14 @@ class Objective(nn.Module):
             kv = self.branch(batch["reference_latents"], batch["subject_embeds"], batch["subject_pooled"],
                              batch["subject_mask"])
             index = batch["reference_index"]
-            state = pipe.cads_state(
+            reference = ReferenceSet(
                 keys={name: k[index] for name, (k, _) in kv.items()},
                 values={name: v[index] for name, (_, v) in kv.items()},
                 log_scale=batch["log_scale"],
                 subject_weights=batch["subject_weights"],
-                trainable=True,
             )
+            state = build_cads_state(self.branch.config, self.branch.shift, [reference], device=noisy.device,
+                                     dtype=self.transformer.dtype, trainable=True)
             kwargs = {"customshift": state}
         pred = self.transformer(
             hidden_states=noisy,
