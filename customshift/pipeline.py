@@ -16,13 +16,16 @@ both passes (two passes per step, as plain SD3).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from PIL import Image
@@ -36,7 +39,15 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .attention import CADSState, install_processors
+from .attention import (
+    CADSAttnProcessor,
+    CADSState,
+    ReferenceSet,
+    build_cads_state,
+    install_processors,
+    processor_names,
+)
+from .checks import subject_missing_message, subject_spellings
 from .config import CustomShiftConfig
 from .errors import IncompatibleWeightsError, PromptError
 from .loaders import (  # noqa: F401 - the names callers import from here
@@ -50,6 +61,7 @@ from .loaders import (  # noqa: F401 - the names callers import from here
 from .reference import ReferenceBranch, SubjectEmbedding, base_fingerprint, tensors_fingerprint
 
 logger = logging.getLogger(__name__)
+_PARENT_CALL = inspect.signature(StableDiffusion3Pipeline.__call__)
 
 
 def find_token_positions(token_ids: Sequence[int], pattern: Sequence[int]) -> list[int]:
@@ -223,11 +235,7 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
 
     def _run_reference_branch(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         self.reference_branch.to(self.transformer.device)
-        kv = self.reference_branch(**inputs)
-        # Several references of one subject: their tokens are joined into one key set.
-        keys = {n: k.transpose(0, 1).reshape(1, k.shape[1], -1, k.shape[-1]) for n, (k, _) in kv.items()}
-        values = {n: v.transpose(0, 1).reshape(1, v.shape[1], -1, v.shape[-1]) for n, (_, v) in kv.items()}
-        return keys, values
+        return self.reference_branch.encode(inputs)
 
     def check_subject(self, subject: SubjectEmbedding) -> None:
         """Refuse an embedding made with another base model or other CustomShift weights."""
@@ -257,52 +265,47 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
         if self.text_encoder_3 is not None and self.tokenizer_3 is not None:
             encoders.append((self.tokenizer_3, self.tokenizer_max_length, length - self.tokenizer_max_length))
         for row, prompt in enumerate(prompts):
+            spellings = subject_spellings(prompt, subject)  # "Robot" for "robot": T5 is case-sensitive
             for tokenizer, offset, max_length in encoders:
                 ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids
-                pattern = tokenizer(subject, add_special_tokens=False).input_ids
-                for position in find_token_positions(ids, pattern):
-                    weights[row, offset + position] = 1.0
+                for spelling in spellings:
+                    pattern = tokenizer(spelling, add_special_tokens=False).input_ids
+                    for position in find_token_positions(ids, pattern):
+                        weights[row, offset + position] = 1.0
             if weights[row].sum() == 0 and prompt.strip():
-                logger.warning(
-                    "subject name %r does not appear in the prompt %r: the reference is applied with an "
-                    "unconditional shift (m_i = 1). Put the subject's name in the prompt.", subject, prompt
-                )
+                logger.warning("%s", subject_missing_message(subject, prompt))
         return weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
 
-    def cads_state(
-        self,
-        keys: dict[str, Tensor],
-        values: dict[str, Tensor],
-        log_scale: Tensor,
-        subject_weights: Tensor,
-        trainable: bool = False,
-    ) -> CADSState:
-        """The per-forward CADS inputs; ``trainable=True`` keeps the graph to beta/gamma (training)."""
-        config, shift = self.customshift_config, self.reference_branch.shift
-        device, dtype = self.transformer.device, self.transformer.dtype
-        # A cache stored in lower precision than the model's stays in it (``encode_subject(dtype=...)``).
-        kv_dtype = next(iter(keys.values())).dtype if keys else dtype
-        if kv_dtype.itemsize >= dtype.itemsize:
-            kv_dtype = dtype
-        beta = shift.beta if trainable else shift.beta.detach()
-        gamma = shift.gamma if trainable else shift.gamma.detach()
-        return CADSState(
-            keys={n: k.to(device, kv_dtype) for n, k in keys.items()},
-            values={n: v.to(device, kv_dtype) for n, v in values.items()},
-            beta={n: beta[i].to(device) for n, i in shift.index.items()},
-            gamma={n: gamma[i].to(device) for n, i in shift.index.items()},
-            log_scale=log_scale.to(device),
-            subject_weights=subject_weights.to(device),
-            conditional=config.conditional_shift,
-            mass=config.cads_shift == "mass",
-            form=config.cads_form,
-            text_queries_attend_reference=config.text_queries_attend_reference,
-        )
+    def _cads_state(self, references: Sequence[ReferenceSet]) -> CADSState:
+        """The CADS state of this pipeline's config and shift parameters, on the execution device."""
+        return build_cads_state(self.customshift_config, self.reference_branch.shift, references,
+                                device=self._execution_device, dtype=self.transformer.dtype)
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor * self.transformer.config.patch_size
         if height % multiple or width % multiple:
             raise PromptError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+
+    def ensure_cads_processors(self) -> None:
+        """Make sure a subject reaches attention: CADS must be the processor of every attention module.
+
+        diffusers' own joint processors (``set_attn_processor(JointAttnProcessor2_0())``, or the fused one of
+        ``fuse_qkv_projections``) are put back to CADS, which computes the same without a subject and reads
+        fused projections. Any other processor (IP-Adapter, a custom one) would silently drop the subject,
+        so it is an error.
+        """
+        transformer = _unwrap(self.transformer)
+        for name in processor_names(transformer):
+            module = transformer.get_submodule(name)
+            if isinstance(module.processor, CADSAttnProcessor):
+                continue
+            if type(module.processor) not in (JointAttnProcessor2_0, FusedJointAttnProcessor2_0):
+                raise PromptError(
+                    f"{name} has the attention processor {type(module.processor).__name__} (IP-Adapter or "
+                    "set_attn_processor?), which would ignore the subject; a subject needs CustomShift's "
+                    "CADSAttnProcessor there. Unload that adapter or processor, or generate without a subject."
+                )
+            module.set_processor(CADSAttnProcessor(name))
 
     # ------------------------------------------------------------------------------------------------------
     # Generation
@@ -311,200 +314,205 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        prompt_2: str | list[str] | None = None,
-        prompt_3: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 28,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.0,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_2: str | list[str] | None = None,
-        negative_prompt_3: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: Tensor | None = None,
-        prompt_embeds: Tensor | None = None,
-        negative_prompt_embeds: Tensor | None = None,
-        pooled_prompt_embeds: Tensor | None = None,
-        negative_pooled_prompt_embeds: Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int | None = None,
-        skip_guidance_layers: list[int] | None = None,
-        skip_layer_guidance_scale: float = 2.8,
-        skip_layer_guidance_stop: float = 0.2,
-        skip_layer_guidance_start: float = 0.01,
-        mu: float | None = None,
-        subject: SubjectEmbedding | None = None,
-        shift_scale: float = 1.0,
+        *args: Any,
+        subject: SubjectEmbedding | Sequence[SubjectEmbedding] | None = None,
+        shift_scale: float | Sequence[float] = 1.0,
         reference_guidance_scale: float = 0.0,
         recompute_subject: bool = False,
+        **kwargs: Any,
     ):
-        """Generate images; everything `StableDiffusion3Pipeline.__call__` accepts, plus:
+        """Generate images; every argument of `StableDiffusion3Pipeline.__call__`, plus:
 
         Args:
-            subject: a `SubjectEmbedding` from `encode_subject` (or `SubjectEmbedding.load`); None gives
-                plain SD3.
+            subject: a `SubjectEmbedding` from `encode_subject` (or `SubjectEmbedding.load`), or a list of
+                them for several subjects in one image, ``pipe(prompt, subject=[robot, tree])``: each
+                subject's features go where the prompt's tokens of its own name (``embedding.subject``)
+                attend; name every subject in the prompt ("a robot next to a tree"). None: plain SD3.
             shift_scale: multiplies the reference's attention weight (log(shift_scale) is added to the
-                shift). 0 gives plain SD3 exactly; larger values keep more identity.
+                shift): one float for every subject, or a list with one per subject. 0 turns that subject
+                off exactly (all 0: plain SD3); larger values keep more identity.
             reference_guidance_scale: w_ref in the guidance formula of the module docstring (0 = two
-                passes, ordinary CFG with the reference in both).
+                passes, ordinary CFG with the reference in both: the parent's own ``__call__``).
             recompute_subject: run the Reference-Alignment Branch again at every step instead of using
                 the cached keys/values (same image, slower: for tests and cost comparisons).
         """
-        max_sequence_length = max_sequence_length or self.customshift_config.max_sequence_length or 256
-        if shift_scale < 0 or not math.isfinite(shift_scale):
-            raise PromptError(f"shift_scale must be a finite number >= 0, got {shift_scale}")
-        if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-            if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-                raise PromptError("the prompt is empty; describe the image to generate (e.g. 'a dog on the beach')")
-        else:
-            prompts = None
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        callback_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        if hasattr(callback_on_step_end, "tensor_inputs"):
-            callback_inputs = callback_on_step_end.tensor_inputs
+        bound = _PARENT_CALL.bind(self, prompt, *args, **kwargs)
+        if "max_sequence_length" not in bound.arguments:
+            bound.arguments["max_sequence_length"] = self.customshift_config.max_sequence_length or 256
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        call.pop("self")
+        subjects = [] if subject is None else [subject] if isinstance(subject, SubjectEmbedding) else list(subject)
+        scales = self._shift_scales(shift_scale, len(subjects))
+        prompts = self._prompts(call["prompt"], call["prompt_embeds"])
+        for item in subjects:
+            self.check_subject(item)
+        active = [(s, scale) for s, scale in zip(subjects, scales, strict=True) if scale > 0]
+        if not active:
+            return super().__call__(**call)
+        self.ensure_cads_processors()
+        per_prompt = call["num_images_per_prompt"] or 1
+        positive = [p for p in prompts for _ in range(per_prompt)]
+        rows = len(positive) if prompts else call["prompt_embeds"].shape[0] * per_prompt
+        text_len = self.tokenizer_max_length + call["max_sequence_length"]
+        references = [
+            ReferenceSet(item.keys, item.values, torch.full((rows,), math.log(scale)),
+                         self.subject_token_weights(positive, item.subject, text_len) if prompts
+                         else torch.zeros(rows, text_len))
+            for item, scale in active
+        ]
+        hook = self._recompute_hook([s for s, _ in active]) if recompute_subject else None
+        try:
+            if reference_guidance_scale == 0:
+                user_kwargs = call["joint_attention_kwargs"] or {}
+                call["joint_attention_kwargs"] = {**user_kwargs, "customshift": self._cads_state(references)}
+                return super().__call__(**call)
+            return self._reference_guided_call(call, references, reference_guidance_scale)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    @staticmethod
+    def _shift_scales(shift_scale: float | Sequence[float], count: int) -> list[float]:
+        scales = [shift_scale] * count if isinstance(shift_scale, (int, float)) else list(shift_scale)
+        if len(scales) != count:
+            raise PromptError(f"shift_scale has {len(scales)} values for {count} subjects; give one per subject")
+        for scale in scales:
+            if not isinstance(scale, (int, float)) or scale < 0 or not math.isfinite(scale):
+                raise PromptError(f"shift_scale must be a finite number >= 0, got {scale}")
+        return [float(scale) for scale in scales]
+
+    @staticmethod
+    def _prompts(prompt: str | list[str] | None, prompt_embeds: Tensor | None) -> list[str]:
+        if prompt_embeds is not None:
+            return []
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise PromptError("the prompt is empty; describe the image to generate (e.g. 'a dog on the beach')")
+        return prompts
+
+    def _recompute_hook(self, subjects: list[SubjectEmbedding]) -> Any:
+        """Before every transformer forward, recompute each subject's K/V into the states in use."""
+        if any(s.inputs is None for s in subjects):
+            raise PromptError("recompute_subject needs an embedding from encode_subject (not one loaded from disk)")
+
+        def refresh(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            state = (kwargs.get("joint_attention_kwargs") or {}).get("customshift")
+            if state is None:
+                return
+            for ref, item in zip(state.references, subjects, strict=True):
+                keys, values = self._run_reference_branch(item.inputs)
+                ref.keys = {n: k.to(ref.keys[n]) for n, k in keys.items()}
+                ref.values = {n: v.to(ref.values[n]) for n, v in values.items()}
+
+        return self.transformer.register_forward_pre_hook(refresh, with_kwargs=True)
+
+    def _reference_guided_call(self, call: dict[str, Any], references: list[ReferenceSet], w_ref: float):
+        """The parent's loop with one more pass, without the reference, at every step:
+
+            v = v(0, R) + w_ref * (v(0, R) - v(0, 0)) + w_txt * (v(T, R) - v(0, R))
+
+        The passes follow the guidance in force at each step, so callbacks that change it (SD3CFGCutoffCallback,
+        a replaced ``prompt_embeds``) act on them; without text guidance it is v(T, R) + w_ref (v(T, R) - v(T, 0)).
+        """
+        c = types.SimpleNamespace(**call)
+        height = c.height or self.default_sample_size * self.vae_scale_factor
+        width = c.width or self.default_sample_size * self.vae_scale_factor
+        tensor_inputs = c.callback_on_step_end_tensor_inputs
+        if hasattr(c.callback_on_step_end, "tensor_inputs"):
+            tensor_inputs = c.callback_on_step_end.tensor_inputs
         self.check_inputs(
-            prompt, prompt_2, prompt_3, height, width,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            callback_on_step_end_tensor_inputs=callback_inputs, max_sequence_length=max_sequence_length,
+            c.prompt, c.prompt_2, c.prompt_3, height, width, negative_prompt=c.negative_prompt,
+            negative_prompt_2=c.negative_prompt_2, negative_prompt_3=c.negative_prompt_3,
+            prompt_embeds=c.prompt_embeds, negative_prompt_embeds=c.negative_prompt_embeds,
+            pooled_prompt_embeds=c.pooled_prompt_embeds, negative_pooled_prompt_embeds=c.negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=tensor_inputs, max_sequence_length=c.max_sequence_length,
         )
-        if subject is not None:
-            self.check_subject(subject)
-        self._guidance_scale = guidance_scale
-        self._skip_layer_guidance_scale = skip_layer_guidance_scale
-        self._clip_skip = clip_skip
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._interrupt = False
-        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        self._guidance_scale, self._skip_layer_guidance_scale = c.guidance_scale, c.skip_layer_guidance_scale
+        self._clip_skip, self._joint_attention_kwargs, self._interrupt = c.clip_skip, c.joint_attention_kwargs, False
         device = self._execution_device
-        lora_scale = (joint_attention_kwargs or {}).get("scale")
-
-        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds) = (
-            self.encode_prompt(
-                prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
-                negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
-                do_classifier_free_guidance=self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
-                clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length, lora_scale=lora_scale,
-            )
+        embeds, negative, pooled, negative_pooled = self.encode_prompt(
+            prompt=c.prompt, prompt_2=c.prompt_2, prompt_3=c.prompt_3, negative_prompt=c.negative_prompt,
+            negative_prompt_2=c.negative_prompt_2, negative_prompt_3=c.negative_prompt_3,
+            do_classifier_free_guidance=self.do_classifier_free_guidance, prompt_embeds=c.prompt_embeds,
+            negative_prompt_embeds=c.negative_prompt_embeds, pooled_prompt_embeds=c.pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=c.negative_pooled_prompt_embeds, device=device, clip_skip=c.clip_skip,
+            num_images_per_prompt=c.num_images_per_prompt, max_sequence_length=c.max_sequence_length,
+            lora_scale=(c.joint_attention_kwargs or {}).get("scale"),
         )
-        per_pass = batch_size * num_images_per_prompt
-
-        # The passes of one step, each (text embeddings, pooled, reference on?). Decided once, here.
-        with_reference = subject is not None and shift_scale > 0
-        passes: list[tuple[Tensor, Tensor, bool]] = []
+        rows = embeds.shape[0]
         if self.do_classifier_free_guidance:
-            if with_reference and reference_guidance_scale != 0:
-                passes.append((negative_prompt_embeds, negative_pooled_prompt_embeds, False))
-            passes.append((negative_prompt_embeds, negative_pooled_prompt_embeds, with_reference))
-        elif with_reference and reference_guidance_scale != 0:
-            passes.append((prompt_embeds, pooled_prompt_embeds, False))
-        passes.append((prompt_embeds, pooled_prompt_embeds, with_reference))
-        step_embeds = torch.cat([p[0] for p in passes])
-        step_pooled = torch.cat([p[1] for p in passes])
-
-        kwargs = dict(joint_attention_kwargs or {})
-        slg_kwargs = dict(kwargs)
-        if with_reference:
-            text_len = prompt_embeds.shape[1]
-            positive = [p for p in prompts for _ in range(num_images_per_prompt)] if prompts else []
-            positive_weights = (
-                self.subject_token_weights(positive, subject.subject, text_len) if positive
-                else torch.zeros(per_pass, text_len)
-            )
-            weights, log_scales = [], []
-            for embeds, _, reference_on in passes:
-                weights.append(positive_weights if embeds is prompt_embeds else torch.zeros(per_pass, text_len))
-                log_scales.append(torch.full((per_pass,), math.log(shift_scale) if reference_on else -math.inf))
-            state = self.cads_state(subject.keys, subject.values, torch.cat(log_scales), torch.cat(weights))
-            kwargs["customshift"] = state
-            slg_kwargs["customshift"] = self.cads_state(
-                subject.keys, subject.values, torch.full((per_pass,), math.log(shift_scale)), positive_weights
-            )
-
-        num_channels_latents = self.transformer.config.in_channels
-        latents = self.prepare_latents(
-            per_pass, num_channels_latents, height, width, prompt_embeds.dtype, device, generator, latents
-        )
-        scheduler_kwargs = {}
-        if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
-            image_seq_len = (latents.shape[2] // self.transformer.config.patch_size) * (
-                latents.shape[3] // self.transformer.config.patch_size
-            )
-            mu = calculate_shift(
-                image_seq_len,
-                self.scheduler.config.get("base_image_seq_len", 256),
-                self.scheduler.config.get("max_image_seq_len", 4096),
-                self.scheduler.config.get("base_shift", 0.5),
-                self.scheduler.config.get("max_shift", 1.16),
-            )
-        if mu is not None:
-            scheduler_kwargs["mu"] = mu
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs
-        )
-        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
-        self._num_timesteps = len(timesteps)
-
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+        latents = self.prepare_latents(rows, self.transformer.config.in_channels, height, width, embeds.dtype,
+                                       device, c.generator, c.latents)
+        timesteps, steps = self._timesteps(latents, c.num_inference_steps, c.sigmas, c.mu, device)
+        kwargs = dict(c.joint_attention_kwargs or {})
+        if c.ip_adapter_image_embeds is not None or (c.ip_adapter_image is not None and self.is_ip_adapter_active):
+            kwargs["ip_adapter_image_embeds"] = self.prepare_ip_adapter_image_embeds(
+                c.ip_adapter_image, c.ip_adapter_image_embeds, device, rows, self.do_classifier_free_guidance)
+        # One state per layout of the batch: [negative without R; negative with R; positive with R] with text
+        # guidance, [positive without R; positive with R] without; the skip-layer pass is the positive one.
+        off = torch.full((rows,), -math.inf)
+        guided = self._cads_state([
+            ReferenceSet(r.keys, r.values, torch.cat([off, r.log_scale, r.log_scale]),
+                         torch.cat([torch.zeros_like(r.subject_weights)] * 2 + [r.subject_weights]))
+            for r in references])
+        unguided = self._cads_state([
+            ReferenceSet(r.keys, r.values, torch.cat([off, r.log_scale]), r.subject_weights.repeat(2, 1))
+            for r in references])
+        positive = {**kwargs, "customshift": self._cads_state(references)}
+        with self.progress_bar(total=steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if with_reference and recompute_subject:
-                    self._refresh_state(subject, kwargs["customshift"], slg_kwargs["customshift"])
-                model_input = torch.cat([latents] * len(passes))
-                noise_pred = self.transformer(
-                    hidden_states=model_input,
-                    timestep=t.expand(model_input.shape[0]),
-                    encoder_hidden_states=step_embeds,
-                    pooled_projections=step_pooled,
-                    joint_attention_kwargs=kwargs,
-                    return_dict=False,
-                )[0]
-                preds = noise_pred.chunk(len(passes))
-                noise_pred = self._combine(preds, reference_guidance_scale)
-                if self.do_classifier_free_guidance:
-                    text_pred = preds[-1]
-                    in_slg_window = (num_inference_steps * skip_layer_guidance_start < i
-                                     < num_inference_steps * skip_layer_guidance_stop)
-                    if skip_guidance_layers is not None and in_slg_window:
-                        skip_pred = self.transformer(
-                            hidden_states=latents,
-                            timestep=t.expand(latents.shape[0]),
-                            encoder_hidden_states=prompt_embeds,
-                            pooled_projections=pooled_prompt_embeds,
-                            joint_attention_kwargs=slg_kwargs,
-                            return_dict=False,
-                            skip_layers=skip_guidance_layers,
+                cfg = self.do_classifier_free_guidance
+                step_embeds = torch.cat([embeds[:rows], embeds]) if cfg else torch.cat([embeds, embeds])
+                step_pooled = torch.cat([pooled[:rows], pooled]) if cfg else torch.cat([pooled, pooled])
+                passes = 3 if cfg else 2
+                preds = self.transformer(
+                    hidden_states=torch.cat([latents] * passes), timestep=t.expand(passes * rows),
+                    encoder_hidden_states=step_embeds, pooled_projections=step_pooled,
+                    joint_attention_kwargs={**kwargs, "customshift": guided if cfg else unguided}, return_dict=False,
+                )[0].chunk(passes)
+                if cfg:
+                    free, uncond, text = preds
+                    noise_pred = uncond + self.guidance_scale * (text - uncond) + w_ref * (uncond - free)
+                    if c.skip_guidance_layers is not None and (
+                            steps * c.skip_layer_guidance_start < i < steps * c.skip_layer_guidance_stop):
+                        skip = self.transformer(
+                            hidden_states=latents, timestep=t.expand(rows), encoder_hidden_states=embeds[-rows:],
+                            pooled_projections=pooled[-rows:], joint_attention_kwargs=positive, return_dict=False,
+                            skip_layers=c.skip_guidance_layers,
                         )[0]
-                        noise_pred = noise_pred + (text_pred - skip_pred) * self._skip_layer_guidance_scale
-
+                        noise_pred = noise_pred + (text - skip) * self._skip_layer_guidance_scale
+                else:
+                    free, text = preds
+                    noise_pred = text + w_ref * (text - free)
                 latents_dtype = latents.dtype
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if latents.dtype != latents_dtype:
-                    latents = latents.to(latents_dtype)
-                if callback_on_step_end is not None:
-                    scope = {"latents": latents, "prompt_embeds": prompt_embeds,
-                             "pooled_prompt_embeds": pooled_prompt_embeds}
-                    callback_kwargs = {k: scope[k] for k in callback_inputs if k in scope}
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(latents_dtype)
+                if c.callback_on_step_end is not None:
+                    scope = {"latents": latents, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+                    outputs = c.callback_on_step_end(self, i, t, {k: scope[k] for k in tensor_inputs})
                     latents = outputs.pop("latents", latents)
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
+                    embeds = outputs.pop("prompt_embeds", embeds)
+                    pooled = outputs.pop("pooled_prompt_embeds", pooled)
+                progress_bar.update()
+        return self._finish(latents, c.output_type, c.return_dict)
 
+    def _timesteps(self, latents: Tensor, steps: int, sigmas: Any, mu: float | None, device: Any) -> tuple[Tensor, int]:
+        """The parent's schedule (dynamic shifting from the image size where the scheduler uses it)."""
+        config = self.scheduler.config
+        if config.get("use_dynamic_shifting", None) and mu is None:
+            patch = self.transformer.config.patch_size
+            mu = calculate_shift((latents.shape[2] // patch) * (latents.shape[3] // patch),
+                                 config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        extra = {} if mu is None else {"mu": mu}
+        timesteps, steps = retrieve_timesteps(self.scheduler, steps, device, sigmas=sigmas, **extra)
+        self._num_timesteps = len(timesteps)
+        return timesteps, steps
+
+    def _finish(self, latents: Tensor, output_type: str, return_dict: bool) -> Any:
         if output_type == "latent":
             image = latents
         else:
@@ -512,31 +520,9 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
             image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return StableDiffusion3PipelineOutput(images=image)
+        return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
 
-    def _combine(self, preds: Sequence[Tensor], reference_scale: float) -> Tensor:
-        """The cross-guidance formula over the passes built in ``__call__``.
 
-        With text guidance, preds are [v(0,0)], v(0,R), v(T,R); without it, [v(T,0)], v(T,R). The
-        optional first pass (no reference) exists only when reference guidance is on.
-        """
-        if self.do_classifier_free_guidance:
-            uncond, text = preds[-2], preds[-1]
-            guided = uncond + self.guidance_scale * (text - uncond)
-            if len(preds) == 3:
-                guided = guided + reference_scale * (uncond - preds[0])
-            return guided
-        if len(preds) == 2:
-            return preds[1] + reference_scale * (preds[1] - preds[0])
-        return preds[0]
-
-    def _refresh_state(self, subject: SubjectEmbedding, *states: CADSState) -> None:
-        if subject.inputs is None:
-            raise PromptError("recompute_subject needs an embedding from encode_subject (not one loaded from disk)")
-        keys, values = self._run_reference_branch(subject.inputs)
-        for state in states:
-            state.keys = {n: k.to(self.transformer.dtype) for n, k in keys.items()}
-            state.values = {n: v.to(self.transformer.dtype) for n, v in values.items()}
-
+def _unwrap(module: Any) -> Any:
+    """The module itself under ``torch.compile`` (an OptimizedModule keeps it as ``_orig_mod``)."""
+    return getattr(module, "_orig_mod", module)
