@@ -60,7 +60,7 @@ def test_config_file_overrides_and_errors(tmp_path):
     assert load_config(toml).train.max_steps == 3
     with pytest.raises(ConfigError, match="train.max_stepz"):
         load_config(SMOKE, ["train.max_stepz=1"])
-    with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer, got 'many'"):
         load_config(SMOKE, ["train.max_steps=many"])
     with pytest.raises(ConfigError, match="data.path is required"):
         load_config(SMOKE, ["data.kind=manifest"])
@@ -218,11 +218,17 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_pipe, tmp_path):
     assert not torch.equal(beta, torch.full_like(beta, 1.0))  # beta_init 1.0 in the smoke config
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_pipe, tmp_path):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_pipe, tmp_path, monkeypatch):
     from customshift.training.trainer import TrainingDiverged, find_checkpoint, load_pipeline_from_checkpoint
 
-    trainer = make_trainer(tiny_pipe, tmp_path, "checkpoint.every_steps=2", "debug.inject_nan_at_step=3",
-                           "train.max_steps=6")
+    trainer = make_trainer(tiny_pipe, tmp_path, "checkpoint.every_steps=2", "train.max_steps=6")
+    forward = trainer.model.forward
+
+    def poisoned(batch):  # the loss of step 3 becomes NaN
+        loss, per_sample = forward(batch)
+        return (loss * float("nan") if trainer.step + 1 == 3 else loss), per_sample
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 .*synthetic item"):
         trainer.train()
     run = tmp_path / "run"

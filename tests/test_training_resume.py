@@ -100,10 +100,41 @@ def test_broken_latest_and_partial_checkpoints_fall_back(tiny_pipe, tmp_path):
     os.truncate(weights, weights.stat().st_size // 2)
     assert find_checkpoint(folder).name == "ckpt-0000002"
     index = json.loads((folder / "ckpt-0000002" / "checkpoint.json").read_text())
-    assert "optimizer.pt" in index["files"] and "customshift/customshift.safetensors" in index["files"]
+    assert {"accelerate/optimizer.bin", "accelerate/custom_checkpoint_0.pkl", "customshift/customshift.safetensors",
+            "trainable.safetensors", "ema.safetensors"} <= set(index["files"])  # save_state inside, exports beside
     pipe = load_pipeline_from_checkpoint(folder)
     assert pipe.customshift_config.generation_lora_rank == 2
     # Resuming cleans the temp folder and continues from the newest complete checkpoint.
     resumed = run(tiny_pipe, folder, 3, resume=True)
     assert resumed.step == 3 and not partial.exists()
     assert (folder / "latest").read_text().strip() == "ckpt-0000003"
+
+
+def test_a_run_written_in_the_first_checkpoint_layout_resumes_exactly(tiny_pipe, tmp_path):
+    """tests/fixtures/legacy-run was written by the trainer before save_state (layout 1), stopped at step 2; resuming
+    it to step 4 gives the weights and EMA that trainer reached training straight to step 4."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from customshift.training.trainer import find_checkpoint, load_pipeline_from_checkpoint
+
+    fixture = Path(__file__).parent / "fixtures" / "legacy-run"
+    folder = tmp_path / "legacy"
+    shutil.copytree(fixture, folder)
+    assert json.loads((folder / "ckpt-0000002" / "checkpoint.json").read_text())["format"] == "customshift-checkpoint/1"
+    assert find_checkpoint(folder).name == "ckpt-0000002"
+    assert load_pipeline_from_checkpoint(folder).customshift_config.generation_lora_rank == 2
+    resumed = run(tiny_pipe, folder, 4, resume=True)
+    assert resumed.step == 4
+    expected = load_file(str(fixture / "expected-step4-trainable.safetensors"))
+    expected_ema = load_file(str(fixture / "expected-step4-ema.safetensors"))
+    assert expected.keys() == resumed.trainable.keys()
+    for name, param in resumed.trainable.items():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(resumed.ema[name], expected_ema[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Its new checkpoints are in today's layout, and the run goes on from them.
+    new = find_checkpoint(folder)
+    assert new.name == "ckpt-0000004"
+    assert json.loads((new / "checkpoint.json").read_text())["format"] == "customshift-checkpoint/2"
+    assert (new / "accelerate" / "optimizer.bin").is_file() and not (new / "optimizer.pt").exists()

@@ -86,7 +86,21 @@ def _wait(condition, process: Child, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_sigkill_mid_checkpoint_keeps_the_latest_loadable_and_sigterm_stops_cleanly(tmp_path):
+def slow_checkpoint_writes(monkeypatch, seconds: float) -> None:
+    """Widen the window between writing a checkpoint's files and publishing it, so a kill lands inside it."""
+    from customshift.training import checkpoint
+
+    write = checkpoint.atomic_write_json
+
+    def slow(path, data):
+        if Path(path).name == "state.json":
+            time.sleep(seconds)
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_json", slow)
+
+
+def test_sigkill_mid_checkpoint_keeps_the_latest_loadable_and_sigterm_stops_cleanly(tmp_path, monkeypatch):
     import torch
 
     from customshift.training.config import load_config
@@ -96,7 +110,8 @@ def test_sigkill_mid_checkpoint_keeps_the_latest_loadable_and_sigterm_stops_clea
     # Import everything the trainer lazily imports once here, so that both children start warm.
     Trainer(load_config(SMOKE, [f"output_dir={tmp_path / 'warm'}"])).close()
     run = tmp_path / "run"
-    trainer = Child(run, "debug.checkpoint_sleep=0.2")
+    slow_checkpoint_writes(monkeypatch, 0.2)  # inherited by the forked child
+    trainer = Child(run)
     try:
         _wait(lambda: (run / "latest").exists(), trainer, 90, "the first checkpoint")
         _wait(lambda: any(run.glob(".tmp-ckpt-*")), trainer, 30, "a checkpoint being written")

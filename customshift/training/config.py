@@ -1,18 +1,30 @@
-"""The trainer's configuration: one YAML/TOML file, ``section.key=value`` overrides, validated once.
+"""The trainer's configuration: one typed schema (pydantic), YAML/TOML files that inherit a ``base``, overrides.
 
-Every knob of a run lives here so that the resolved config saved beside each checkpoint is enough to
-rebuild the run exactly (``--resume``) or to rebuild its model for evaluation. Unknown keys are
-errors, never silently ignored: a typo in a long run's config must not cost the run.
+Every knob of a run lives here, with its default decided once (the field below), so that the resolved
+config saved beside each checkpoint is enough to rebuild the run exactly (``--resume``) or to rebuild its
+model for evaluation. Every bad key, type or value is a `ConfigError` whose one-line message names the
+key: a typo in a long run's config must not cost the run.
+
+A recipe may start with ``base: other.yaml`` (relative to its own file) and hold only its differences:
+mappings are merged key by key, everything else (lists included) is replaced.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+)
 
 from ..config import CustomShiftConfig
 from ..errors import CustomShiftError
@@ -21,49 +33,145 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
-    "DebugConfig",
     "ModelConfig",
     "TrainConfig",
     "TrainingConfig",
     "ValidationConfig",
     "apply_overrides",
+    "config_to_yaml",
     "load_config",
+    "read_config_file",
 ]
+
+# diffusers.optimization.SchedulerType's values (listed here so that validating a config imports no diffusers)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
+MAX_SEED = 2**32  # the trainer seeds torch generators with seed * 1000 + small offsets: far below 2**64
 
 
 class ConfigError(CustomShiftError, ValueError):
-    """A training config file or override is malformed; the message names the key."""
+    """A training config file or override is malformed; the message (one line) names the key."""
 
 
-@dataclass
-class ModelConfig:
+# ----------------------------------------------------------------------------------------------------
+# Field types: what YAML gives, checked strictly (no bool for an int, no "3" for 3, no NaN)
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; accept it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _literal_bool(value: Any) -> Any:
+    """YAML 1.1 reads ``no``/``off``/``yes``/``on`` as booleans; ``mixed_precision: no`` means ``"no"``."""
+    return {False: "no", True: "yes"}.get(value, value) if isinstance(value, bool) else value
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+PosInt = Annotated[int, Strict(), Field(ge=1)]
+Fraction = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1, allow_inf_nan=False)]
+Weights = dict[Str, Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)]]
+
+
+def _choices(kind: str) -> tuple[str, ...]:
+    from .. import synthetic
+
+    return {"track": synthetic.TRACKS, "layout": synthetic.LAYOUTS, "placement": synthetic.PLACEMENTS}[kind]
+
+
+def _named(kind: str) -> Any:
+    """A synthetic-domain choice: one name, or ``{name: weight}`` drawn per item."""
+    def check(value: str | dict[str, float]) -> str | dict[str, float]:
+        names = [value] if isinstance(value, str) else list(value)
+        allowed = _choices(kind)
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise ValueError(f"unknown {kind} {bad or names!r}; expected names from {list(allowed)}")
+        if isinstance(value, dict) and sum(value.values()) <= 0:
+            raise ValueError("the weights must not all be 0")
+        return value
+
+    return Annotated[Str | Weights, AfterValidator(check)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schema
+
+
+class ModelConfig(Section):
     """Which base model, and which CustomShift adapter to build on it.
 
     ``pretrained``: ``tiny`` / ``tiny:sd3`` / ``tiny:sd35`` (offline random tiny model, ``tiny`` holds
     keyword arguments of `customshift.tiny.build_tiny_components`), ``sprite`` (the project's default
     sprite-domain model, `customshift.tiny.build_sprite_pipeline`, with the stage-1 VAE folder ``vae``
     and ``tiny`` as shape overrides), a local diffusers folder, or a hub id. ``customshift``: fields
-    of `CustomShiftConfig` (``lora_rank``, ``generation_lora_rank``, ``beta_init``, ...).
-    ``customshift_weights``: start the adapter from saved CustomShift weights (a folder written by
-    ``save_customshift``, e.g. a run's ``final/customshift``) instead of a fresh one; their own config
-    is used, so ``customshift`` must be empty or say the same.
+    of `CustomShiftConfig` (``lora_rank``, ``generation_lora_rank``, ``beta_init``, ...), only those that
+    differ from its defaults. ``customshift_weights``: start the adapter from saved CustomShift weights (a
+    folder written by ``save_customshift``, e.g. a run's ``final/customshift``) instead of a fresh one; their
+    own config is used, so ``customshift`` must be empty or say the same.
     ``weight_dtype``: dtype of the frozen weights (``auto``: the mixed-precision dtype for frozen
     weights, fp32 for trained ones).
     """
 
-    pretrained: str = "tiny"
-    tiny: dict[str, Any] = field(default_factory=dict)
-    vae: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    customshift: dict[str, Any] = field(default_factory=dict)
-    customshift_weights: str | None = None
-    gradient_checkpointing: bool = False
+    pretrained: Str = "tiny"
+    tiny: dict[Str, Any] = Field(default_factory=dict)
+    vae: Str | None = None
+    revision: Str | None = None
+    variant: Str | None = None
+    customshift: dict[Str, Any] = Field(default_factory=dict)
+    customshift_weights: Str | None = None
+    gradient_checkpointing: Bool = False
     weight_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
+    @field_validator("customshift")
+    @classmethod
+    def _customshift_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Each key is a `CustomShiftConfig` field holding a value of its type (checked here, not at build)."""
+        from typing import get_type_hints
 
-@dataclass
-class DataConfig:
+        from pydantic import TypeAdapter
+
+        hints = get_type_hints(CustomShiftConfig)
+        for key, item in value.items():
+            if key not in hints:
+                raise ValueError(f"{_WHOLE}unknown config key model.customshift.{key}; CustomShiftConfig fields: "
+                                 f"{', '.join(sorted(hints))}")
+            given = tuple(item) if isinstance(item, list) else item  # YAML has lists, the dataclass tuples
+            try:
+                TypeAdapter(hints[key], config=ConfigDict(strict=True)).validate_python(given)
+            except ValidationError as error:
+                problem = error.errors()[0]
+                phrase = _PHRASES.get(problem["type"]) or "must be " + problem["msg"].removeprefix("Input should be ")
+                raise ValueError(f"{_WHOLE}model.customshift.{key} {phrase}, got {item!r}") from None
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{_WHOLE}model.customshift.{key} must be a finite number, got {item!r}")
+        try:
+            CustomShiftConfig.from_dict(dict(value))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{_WHOLE}model.customshift: {error}") from None
+        return value
+
+
+class DataConfig(Section):
     """Where training pairs come from.
 
     ``kind``: ``synthetic`` (endless sprite pairs), ``manifest`` (JSONL of local files) or
@@ -75,138 +183,148 @@ class DataConfig:
     prompts' text embeddings (from the frozen text encoders) and subject-token weights to keep between
     steps, least recently used out first; 0 = encode every step. Worth it where prompts repeat (the
     synthetic domain has a few hundred): tokenising and encoding them was most of a GPU step's time.
+    ``placement`` / ``distractor_offsets``: docs/synthetic.md's version-2 generator (``grid`` is version 1's).
     """
 
     kind: Literal["synthetic", "manifest", "subjects200k"] = "synthetic"
-    path: str | None = None
-    resolution: int | None = None
-    batch_size: int = 4
-    targets_per_reference: int = 1
-    num_workers: int = 2
-    shuffle: bool = True
-    max_sequence_length: int = 77
-    max_skip_fraction: float = 0.5
-    prompt_cache_size: int = 0
+    path: Str | None = None
+    resolution: PosInt | None = None
+    batch_size: PosInt = 4
+    targets_per_reference: PosInt = 1
+    num_workers: NonNegInt = 2
+    shuffle: Bool = True
+    max_sequence_length: Annotated[int, Strict(), Field(ge=1, le=512)] = 77
+    max_skip_fraction: Annotated[float, BeforeValidator(_number), Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
+    prompt_cache_size: NonNegInt = 0
     # synthetic
-    track: str | dict[str, float] = "clean"
-    layout: str | dict[str, float] = "random"
-    curriculum: list[dict[str, Any]] = field(default_factory=list)
-    placement: str | dict[str, float] = "grid"  # synthetic.md v2: "grid" | "free" or {name: weight}
-    distractor_offsets: str = "grid"  # "grid" (version 1's generator) | "any" (the spec: any pixel offset)
+    track: _named("track") = "clean"  # type: ignore[valid-type]
+    layout: _named("layout") = "random"  # type: ignore[valid-type]
+    curriculum: list[dict[Str, Any]] = Field(default_factory=list)
+    placement: _named("placement") = "grid"  # type: ignore[valid-type]
+    distractor_offsets: Literal["grid", "any"] = "grid"
     # subjects200k
-    padding: int = 8
-    min_quality: int = 0
-    collections: list[str] = field(default_factory=list)
+    padding: NonNegInt = 8
+    min_quality: NonNegInt = 0
+    collections: list[Str] = Field(default_factory=list)
+
+    @field_validator("curriculum")
+    @classmethod
+    def _stages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, stage in enumerate(value):
+            if "until_step" not in stage:
+                raise ValueError(f"stage {i} must be a mapping with until_step (and layout/track)")
+            unknown = set(stage) - {"until_step", "layout", "track"}
+            if unknown:
+                raise ValueError(f"stage {i}: unknown keys {sorted(unknown)}; use until_step, layout, track")
+            if isinstance(stage["until_step"], bool) or not isinstance(stage["until_step"], int):
+                raise ValueError(f"stage {i}: until_step must be an integer")
+            for kind in ("track", "layout"):
+                if kind in stage:
+                    names = [stage[kind]] if isinstance(stage[kind], str) else list(stage[kind])
+                    if any(n not in _choices(kind) for n in names):
+                        raise ValueError(f"stage {i}: unknown {kind} {names!r}; expected {list(_choices(kind))}")
+        return value
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The objective and the optimiser.
 
     ``trainable``: ``adapter`` (branch LoRA + shift parameters [+ generation LoRA]) or ``full`` (the
     whole transformer too). Sigma sampling follows diffusers' SD3 example: ``weighting_scheme``
-    ``logit_normal`` with ``logit_mean``/``logit_std`` (findings.md: a positive mean puts the signal at
-    high noise, where identity is decided), on the scheduler's shifted sigma table
+    ``logit_normal`` with ``logit_mean``/``logit_std`` (a positive mean puts the signal at high noise, where
+    identity is decided: docs/default-model.md), on the scheduler's shifted sigma table
     (``scheduler_shift`` overrides the model's shift). Condition dropout is per target:
     ``prompt_dropout`` (prompt only), ``reference_dropout`` (reference only), ``both_dropout``.
     ``foreground_loss_weight`` weighs the loss on latent pixels whose image pixels differ from the
-    target's border colour (the subject, on uniform-background data such as the synthetic domain;
-    findings.md: the sprite is a small share of the loss); 1 = the plain loss.
+    target's border colour (the subject, on uniform-background data such as the synthetic domain,
+    where the sprite is a small share of the loss); 1 = the plain loss.
     ``max_minutes`` ends the run like ``max_steps`` does (checkpoint and ``final/`` export) once this
     invocation has trained that long, for time-boxed machines; 0 = no limit. ``--resume`` goes on.
+    ``report_to``: accelerate trackers; ``auto`` = the CSV logs plus TensorBoard and W&B when installed
+    (W&B only with ``WANDB_MODE`` or ``WANDB_API_KEY`` set), or a list of ``csv``/``tensorboard``/``wandb``.
+    ``detect_anomaly``: torch.autograd.detect_anomaly around the loop (slow; to find where a NaN starts).
     """
 
     trainable: Literal["adapter", "full"] = "adapter"
-    max_steps: int = 1000
-    learning_rate: float = 1e-4
-    shift_learning_rate: float | None = None
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    ema_decay: float = 0.0
+    max_steps: PosInt = 1000
+    learning_rate: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] = 1e-4
+    shift_learning_rate: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] | None = None
+    adam_beta1: Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)] = 0.999
+    adam_weight_decay: Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)] = 1e-4
+    adam_epsilon: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] = 1e-8
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
+    lr_warmup_steps: NonNegInt = 0
+    gradient_accumulation_steps: PosInt = 1
+    max_grad_norm: Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)] = 1.0
+    mixed_precision: Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_literal_bool)] = "no"
+    ema_decay: Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)] = 0.0
     weighting_scheme: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    scheduler_shift: float | None = None
-    prompt_dropout: float = 0.10
-    reference_dropout: float = 0.10
-    both_dropout: float = 0.05
-    foreground_loss_weight: float = 1.0
-    max_minutes: float = 0.0
-    log_every: int = 10
+    logit_mean: Float = 0.0
+    logit_std: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] = 1.0
+    mode_scale: Float = 1.29
+    scheduler_shift: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] | None = None
+    prompt_dropout: Fraction = 0.10
+    reference_dropout: Fraction = 0.10
+    both_dropout: Fraction = 0.05
+    foreground_loss_weight: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] = 1.0
+    max_minutes: Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)] = 0.0
+    log_every: PosInt = 10
+    report_to: Literal["auto"] | list[Literal["csv", "tensorboard", "wandb"]] = "auto"
+    detect_anomaly: Bool = False
 
 
-@dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """``every_steps``: checkpoint period (0: only at the end / on a signal); ``keep_last``: how many to keep."""
 
-    every_steps: int = 500
-    keep_last: int = 3
+    every_steps: NonNegInt = 500
+    keep_last: PosInt = 3
 
 
-@dataclass
-class ValidationConfig:
+class ValidationConfig(Section):
     """Periodic sample grids (reference | target | generated) and, on the synthetic domain, exact metrics.
 
-    ``wrong_reference`` adds a wrong-reference control column (findings.md: identity equal with the
-    right and a wrong reference means the reference is ignored).
+    ``wrong_reference`` adds a wrong-reference control column (identity equal with the right and a wrong
+    reference means the reference is ignored: docs/default-model.md).
     """
 
-    every_steps: int = 0
-    num_pairs: int = 4
-    num_inference_steps: int = 20
-    guidance_scale: float = 4.0
-    reference_guidance_scale: float = 0.0
-    shift_scale: float = 1.0
-    seed: int = 0
-    track: str = "clean"
-    wrong_reference: bool = True
+    every_steps: NonNegInt = 0
+    num_pairs: PosInt = 4
+    num_inference_steps: PosInt = 20
+    guidance_scale: Float = 4.0
+    reference_guidance_scale: Float = 0.0
+    shift_scale: Float = 1.0
+    seed: Annotated[int, Strict(), Field(ge=0, lt=MAX_SEED)] = 0
+    track: Str = "clean"
+    wrong_reference: Bool = True
 
 
-@dataclass
-class DebugConfig:
-    """Test hooks; leave at their defaults for real runs.
-
-    ``inject_nan_at_step``: make the loss NaN at that step (tests the divergence stop).
-    ``checkpoint_sleep``: seconds to sleep inside a checkpoint write, before it is published (tests
-    that a kill at that moment leaves the previous checkpoint loadable). The environment variable
-    ``CUSTOMSHIFT_TEST_CHECKPOINT_SLEEP`` does the same.
-    """
-
-    inject_nan_at_step: int | None = None
-    checkpoint_sleep: float = 0.0
-    detect_anomaly: bool = False
-
-
-@dataclass
-class TrainingConfig:
+class TrainingConfig(Section):
     """A whole training run. ``mode``: ``customshift`` (with references) or ``base`` (text-only pretraining)."""
 
-    output_dir: str = "runs/customshift"
-    seed: int = 0
+    output_dir: Str = "runs/customshift"
+    seed: Annotated[int, Strict(), Field(ge=0, lt=MAX_SEED)] = 0
     mode: Literal["customshift", "base"] = "customshift"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     # ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="python")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        config = _build(cls, data, "")
-        config.validate()
+    def from_dict(cls, data: Any) -> TrainingConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        data = _drop_legacy(data)
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as error:
+            raise ConfigError(_one_line(error)) from None
+        config.validate_combination()
         return config
 
     def customshift_config(self) -> CustomShiftConfig:
@@ -217,55 +335,16 @@ class TrainingConfig:
             fields["lora_rank"] = 0
         return CustomShiftConfig.from_dict(fields)
 
-    def validate(self) -> None:
+    def validate_combination(self) -> None:
         """Cross-field checks, so that a bad combination fails before the model is loaded."""
         d, t = self.data, self.train
-        try:
-            cs = self.customshift_config()
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"model.customshift: {error}") from None
-        positive = {
-            "data.batch_size": d.batch_size,
-            "data.targets_per_reference": d.targets_per_reference,
-            "data.max_sequence_length": d.max_sequence_length,
-            "train.max_steps": t.max_steps,
-            "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "train.log_every": t.log_every,
-            "checkpoint.keep_last": self.checkpoint.keep_last,
-            "validation.num_pairs": self.validation.num_pairs,
-            "validation.num_inference_steps": self.validation.num_inference_steps,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-        for key, value in {"data.num_workers": d.num_workers, "data.prompt_cache_size": d.prompt_cache_size,
-                           "checkpoint.every_steps": self.checkpoint.every_steps,
-                           "validation.every_steps": self.validation.every_steps,
-                           "train.lr_warmup_steps": t.lr_warmup_steps, "data.padding": d.padding}.items():
-            if value < 0:
-                raise ConfigError(f"{key} must be >= 0, got {value}")
-        if not (t.max_minutes >= 0 and math.isfinite(t.max_minutes)):
-            raise ConfigError(f"train.max_minutes must be >= 0 (0 = no time limit), got {t.max_minutes}")
-        if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
-            raise ConfigError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
-        drops = (t.prompt_dropout, t.reference_dropout, t.both_dropout)
-        if any(p < 0 for p in drops) or sum(drops) > 1:
-            raise ConfigError("train.*_dropout must be >= 0 and sum to at most 1")
-        if not 0 <= t.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if not 0 < d.max_skip_fraction <= 1:
-            raise ConfigError(f"data.max_skip_fraction must be in (0, 1], got {d.max_skip_fraction}")
+        cs = self.customshift_config()
+        if t.prompt_dropout + t.reference_dropout + t.both_dropout > 1:
+            raise ConfigError("train.prompt_dropout + train.reference_dropout + train.both_dropout must be at most 1")
         if d.kind in ("manifest", "subjects200k") and not d.path:
             raise ConfigError(f"data.path is required for data.kind={d.kind!r}")
         if d.kind != "synthetic" and d.targets_per_reference != 1:
             raise ConfigError("data.targets_per_reference applies to data.kind=synthetic only; set it to 1")
-        for i, stage in enumerate(d.curriculum):
-            if not isinstance(stage, dict) or "until_step" not in stage:
-                raise ConfigError(f"data.curriculum[{i}] must be a mapping with until_step (and layout/track)")
-            unknown = set(stage) - {"until_step", "layout", "track"}
-            if unknown:
-                raise ConfigError(f"data.curriculum[{i}]: unknown keys {sorted(unknown)}; "
-                                  "use until_step, layout, track")
         if self.model.vae is not None and self.model.pretrained != "sprite":
             raise ConfigError("model.vae applies to model.pretrained=sprite only")
         if self.mode == "base" and t.trainable == "adapter" and cs.generation_lora_rank == 0:
@@ -280,102 +359,75 @@ class TrainingConfig:
                 and cs.generation_lora_rank == 0:
             raise ConfigError("nothing to train: lora_rank, generation_lora_rank are 0 and learn_shift is false")
 
-
-# ----------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with type checks and key paths in the errors
+    validate = validate_combination  # the name callers used before the schema moved to pydantic
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                          f"valid keys here: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-    return cls(**kwargs)
+# A section removed from the schema that configs saved beside older checkpoints still hold (at its defaults).
+_LEGACY_DEFAULTS = {"debug": {"inject_nan_at_step": None, "checkpoint_sleep": 0.0, "detect_anomaly": False}}
 
 
-def _describe(hint: Any) -> str:
-    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in get_args(hint))
+def _drop_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    for key, defaults in _LEGACY_DEFAULTS.items():
+        if key in data:
+            value = data.pop(key)
+            if not isinstance(value, dict) or any(value.get(k, v) != v for k, v in defaults.items()) \
+                    or set(value) - set(defaults):
+                raise ConfigError(f"{key}: this section was removed (its test hooks live in the tests now); "
+                                  f"drop it from the config")
+    return data
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a simple type hint; ints are accepted for floats."""
-    origin = get_origin(hint)
-    args = get_args(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans
-            spelled = [a for a in args if isinstance(a, str) and a.lower() in
-                       (("no", "off", "false") if not value else ("yes", "on", "true"))]
-            value = spelled[0] if spelled else value
-        if value not in args:
-            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is Union or origin is types.UnionType:
-        for option in args:
-            if option is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} does not fit {_describe(hint)}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        if args and args[1] is not Any:
-            return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    return value
+_WHOLE = "[whole message] "  # a validator's message that already names its key in full
+
+_PHRASES = {
+    "int_type": "must be an integer", "float_type": "must be a number", "bool_type": "must be true or false",
+    "string_type": "must be a string", "dict_type": "must be a mapping", "list_type": "must be a list",
+    "finite_number": "must be a finite number", "model_type": "must be a mapping",
+    "float_parsing": "must be a number", "int_parsing": "must be an integer", "tuple_type": "must be a list",
+}
+
+
+def _one_line(error: ValidationError) -> str:
+    """The first problem of a pydantic error as ``key message, got value`` (one line, the key in full)."""
+    problems = error.errors()
+    first = next((p for p in problems if p["type"] == "extra_forbidden"), None) or min(
+        problems, key=lambda p: (p["type"] in ("string_type", "dict_type", "model_type"), len(p["loc"])))
+    loc = [str(part) for part in first["loc"] if not _is_union_tag(part)]
+    key = ".".join(loc) or "config"
+    kind, value = first["type"], first.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown config key {key}; see customshift/training/config.py for the valid keys"
+    if kind == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        message = f"{key} must be one of {expected}"
+    elif kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+        sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}[kind]
+        limit = next(iter(first.get("ctx", {}).values()), "")
+        message = f"{key} must be {sign} {limit}"
+    elif kind in _PHRASES:
+        message = f"{key} {_PHRASES[kind]}"
+    else:
+        text = " ".join(str(first["msg"]).split()).removeprefix("Value error, ")
+        if text.startswith(_WHOLE):
+            return text[len(_WHOLE):]
+        message = f"{key} {text}" if text.startswith("must") else f"{key}: {text}"
+    shown = repr(value)
+    return f"{message}, got {shown[:80]}" if value is not None or kind != "missing" else message
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the member of a union it tried (``int``, ``function-after[...]``) in the location."""
+    text = str(part)
+    return text in ("int", "float", "str", "bool", "dict[str,float]", "list[literal['csv','tensorboard','wandb']]",
+                    "literal['auto']", "dict[str,constrained-float]") or text.startswith(("function-", "constrained-"))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Files and overrides
+# Files, inheritance and overrides
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Plain data from a ``.yaml``/``.yml``/``.toml``/``.json`` file."""
-    path = Path(path)
+def _parse_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -400,6 +452,39 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+# Where a child's mapping is merged into its base's key by key; every other value (a list, a ``{name: weight}``
+# choice such as data.track) is replaced whole, so a recipe never inherits half of a distribution; an empty
+# mapping clears its base's (``customshift: {}`` when a stage starts from saved weights and their config).
+MERGED = frozenset({"", "model", "data", "train", "checkpoint", "validation", "model.customshift", "model.tiny"})
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``changes`` over ``base``: the sections in `MERGED` key by key, anything else replaced."""
+    out = _deep_copy(base)
+    for key, value in changes.items():
+        path = f"{where}.{key}" if where else key
+        if path in MERGED and value and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, path)
+        else:
+            out[key] = _deep_copy(value)
+    return out
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Plain data from a ``.yaml``/``.yml``/``.toml``/``.json`` file, its ``base:`` chain resolved."""
+    path = Path(path)
+    data = _parse_file(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"base in {path} must be a file name, got {base!r}")
+    parent = (path.parent / base).resolve()
+    if parent in _seen or parent == path.resolve():
+        raise ConfigError(f"base in {path}: {base} inherits from itself")
+    return merge(read_config_file(parent, (*_seen, path.resolve())), data)
 
 
 def _parse_value(text: str) -> Any:

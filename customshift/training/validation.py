@@ -1,0 +1,131 @@
+"""Validation during training: a sample grid and, on the synthetic domain, exact metrics, with the EMA weights."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..io import atomic_save_image
+from .data import group_from_pairs
+
+logger = logging.getLogger("customshift.training.validation")
+
+__all__ = ["Validator"]
+
+
+class Validator:
+    """Generates for fixed groups (reference | target | generated [| wrong reference]) with the trainer's pipeline.
+
+    Under FSDP / DeepSpeed the pipeline the trainer holds is sharded, so validation is skipped there with a
+    note (exports still read the full state); DDP and single processes validate on the main process.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self._groups: list[Any] | None = None
+
+    def groups(self) -> list[Any]:
+        """Fixed validation groups: held-out synthetic pairs, or the first usable items of the data."""
+        if self._groups is None:
+            tr = self.trainer
+            v = tr.config.validation
+            if tr.config.data.kind == "synthetic":
+                from ..synthetic import evaluation_split
+
+                pairs = evaluation_split(max(v.num_pairs, 2), track=v.track, seed=v.seed)[: v.num_pairs]
+                self._groups = [group_from_pairs([p], f"evaluation pair {i}") for i, p in enumerate(pairs)]
+            else:
+                groups, index = [], 0
+                while len(groups) < v.num_pairs and index < tr.source.length:
+                    with contextlib.suppress(Exception):
+                        groups.append(tr.source.get(index))
+                    index += 1
+                self._groups = groups
+        return self._groups
+
+    def __call__(self) -> dict[str, Any] | None:
+        """Runs on the main process only; a failure is logged, never fatal to the run."""
+        tr = self.trainer
+        metrics = None
+        if tr.sharded:
+            logger.info("validation at step %d skipped: the parameters are sharded (FSDP / DeepSpeed)", tr.step)
+        elif tr.is_main:
+            try:
+                metrics = self._validate()
+            except Exception:  # noqa: BLE001 - a broken sample grid must not end hours of training
+                logger.exception("validation at step %d failed; training continues", tr.step)
+        tr.accelerator.wait_for_everyone()
+        return metrics
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, Any] | None:
+        from PIL import Image
+
+        from ..synthetic import make_grid, score, wrong_references
+
+        tr = self.trainer
+        v, pipe = tr.config.validation, tr.pipe
+        groups = self.groups()
+        if not groups:
+            return None
+        synthetic = groups[0].pairs is not None
+        wrong = tr.use_reference and synthetic and v.wrong_reference and len(groups) >= 2
+        wrong_refs = wrong_references([g.pairs[0] for g in groups]) if wrong else None
+        rows, generated, generated_wrong = [], [], []
+        was_training = pipe.transformer.training
+        pipe.transformer.eval()
+        try:
+            with tr.averaged_weights(), tr.accelerator.autocast():
+                for k, group in enumerate(groups):
+                    target = np.asarray(group.targets[0])
+                    image = self._generate(group.reference if tr.use_reference else None, group.subject,
+                                           group.prompts[0], v.seed + k, target.shape[:2])
+                    generated.append(image)
+                    row = [np.asarray(group.reference), target, image] if tr.use_reference else [target, image]
+                    if wrong_refs is not None:
+                        other = self._generate(Image.fromarray(wrong_refs[k]), group.subject, group.prompts[0],
+                                               v.seed + k, target.shape[:2])
+                        generated_wrong.append(other)
+                        row.append(other)
+                    rows.append(row)
+        finally:
+            pipe.transformer.train(was_training)
+        labels = ["reference", "target", "generated"] if tr.use_reference else ["target", "generated"]
+        if wrong_refs is not None:
+            labels.append("wrong ref")
+        grid = make_grid(rows, labels=labels, scale=max(1, 128 // max(rows[0][0].shape[:2])))
+        atomic_save_image(grid, tr.output_dir / "validation" / f"step-{tr.step:07d}.png")
+        metrics: dict[str, Any] = {"step": tr.step}
+        if synthetic:
+            pairs = [g.pairs[0] for g in groups]
+            result = score(generated, pairs)
+            metrics.update({k: round(result[k], 4) for k in ("identity", "prompt_accuracy", "psnr")})
+            if generated_wrong:
+                metrics["identity_wrong_reference"] = round(score(generated_wrong, pairs)["identity"], 4)
+            tr.accelerator.log({f"validation/{k}": val for k, val in metrics.items() if k != "step"}, step=tr.step)
+            logger.info("validation at step %d: %s", tr.step, metrics)
+        return metrics
+
+    def _generate(self, reference: Any, subject_name: str, prompt: str, seed: int, size: tuple[int, int]) -> np.ndarray:
+        from PIL import Image
+
+        tr = self.trainer
+        v, pipe, resolution = tr.config.validation, tr.pipe, tr.resolution
+        subject = None
+        if reference is not None:
+            subject = pipe.encode_subject(reference, subject_name, height=resolution, width=resolution)
+        result = pipe(
+            prompt, subject=subject, shift_scale=v.shift_scale, guidance_scale=v.guidance_scale,
+            reference_guidance_scale=v.reference_guidance_scale if subject is not None else 0.0,
+            num_inference_steps=v.num_inference_steps, height=resolution, width=resolution,
+            generator=torch.Generator().manual_seed(seed), max_sequence_length=tr.config.data.max_sequence_length,
+        ).images[0]
+        height, width = size
+        if result.size != (width, height):  # compare at the data's size (the sprite metrics expect 64 x 64)
+            upscale = width >= result.size[0]
+            result = result.resize((width, height), Image.Resampling.NEAREST if upscale else Image.Resampling.BOX)
+        return np.asarray(result.convert("RGB"))
