@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import CustomShiftError
+from .training.commands import register as register_training_commands
 
 try:  # typer >= 0.24 vendors click; older typer uses click itself
     from typer._click import exceptions as click_errors
@@ -194,17 +195,7 @@ def encode(
     typer.echo(f"wrote {out}")
 
 
-@app.command(context_settings={"allow_extra_args": False})
-@user_errors
-def train(
-    config: Annotated[Path | None, typer.Argument(help="YAML/TOML training config.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in the output folder.")] = False,
-) -> None:
-    """Train CustomShift weights (or a small base model) with accelerate; resumable."""
-    from .training.trainer import train_main
-
-    train_main(str(config) if config else None, list(set_ or []), resume)
+register_training_commands(app, user_errors)  # train, train-vae, train-default-model: customshift/training/commands.py
 
 
 @app.command()
