@@ -161,3 +161,20 @@ def test_evaluate_synthetic_reports_version_two_tracks_with_the_touching_breakdo
 
     bad = CliRunner().invoke(app, [*args[:-2], "--track", "sideways", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--track must be one of" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_two_subject_track_and_demo_run_both_subjects_through_the_method(tiny_folder, tmp_path):
+    from customshift.eval.synthetic_eval import demo_grid, evaluate_synthetic
+    from customshift.pipeline import CustomShiftPipeline
+
+    pipe = CustomShiftPipeline.from_pretrained(tiny_folder)
+    summary = evaluate_synthetic(pipe, tmp_path, n=2, tracks=["two-subject-free"], steps=1)
+    track = summary["two-subject-free"]
+    assert {"identity", "swap_rate", "identity_wrong_reference", "prompt_accuracy"} <= set(track)
+    assert 0 <= track["swap_rate"] <= 1 and (tmp_path / "grid-two-subject-free.png").is_file()
+    path = demo_grid(pipe, tmp_path, n=2, steps=1, track="two-subject")
+    assert path.name == "demo-two-subject.png"
+    from PIL import Image
+
+    with Image.open(path) as grid:  # four columns: two references, the result, the target
+        assert grid.width > 4 * 64 * 2
