@@ -127,7 +127,7 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
     def set_customshift_config(self, config: CustomShiftConfig) -> ReferenceBranch:
         """Rebuild the Reference-Alignment Branch (fresh LoRA, initial shift) for ``config``."""
         self.customshift_config = config
-        self.reference_branch = ReferenceBranch(self.transformer, config).to(self.transformer.device)
+        self.reference_branch = ReferenceBranch(self.transformer, config).to(self._execution_device)
         self._weights_fingerprint = TRAINING_FREE if config.lora_rank == 0 else None
         return self.reference_branch
 
@@ -234,8 +234,31 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
         )
 
     def _run_reference_branch(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        self.reference_branch.to(self.transformer.device)
+        # The branch runs the transformer's layers without calling its forward: under model CPU offload, load
+        # the transformer first, as its forward hook would (diffusers' apply_forward_hook does the same for VAEs).
+        hook = getattr(_unwrap(self.transformer), "_hf_hook", None)
+        if type(hook).__name__ == "CpuOffload":
+            hook.pre_forward(_unwrap(self.transformer))
         return self.reference_branch.encode(inputs)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Devices: the branch's own LoRA and shift parameters follow the pipeline (the base layers it shares
+    # with the transformer move with the transformer, see ReferenceBranch._apply).
+
+    def to(self, *args: Any, **kwargs: Any) -> CustomShiftPipeline:
+        super().to(*args, **kwargs)
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        device = kwargs.get("device") or next((a for a in args if not isinstance(a, torch.dtype)), None)
+        self.reference_branch.to(device=device, dtype=dtype)
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self.reference_branch.to(self._offload_device)  # small: it stays on the accelerator
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: Any = None) -> None:
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        self.reference_branch.to(self._offload_device)
 
     def check_subject(self, subject: SubjectEmbedding) -> None:
         """Refuse an embedding made with another base model or other CustomShift weights."""

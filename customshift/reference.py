@@ -222,6 +222,15 @@ class ReferenceBranch(nn.Module):
     def processor_names(self) -> list[str]:
         return self.shift.names
 
+    def _apply(self, fn: Any, recurse: bool = True) -> ReferenceBranch:
+        """``.to()`` / ``.half()`` move what the branch owns (its LoRA, the shift parameters), never the base layers
+        it shares with the transformer: those move with the transformer, and may sit on ``meta`` under offload."""
+        self.shift._apply(fn)
+        for module in self.tree.modules():
+            for name in getattr(module, "adapter_layer_names", ()):
+                getattr(module, name)._apply(fn)
+        return self
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The LoRA and shift parameters: everything CustomShift adds to the base model."""
         state: dict[str, Tensor] = {}

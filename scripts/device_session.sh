@@ -9,6 +9,7 @@
 #   bash scripts/device_session.sh train 7 [KEY=VALUE ...]   # stage 5 of the default model for 7 minutes
 #   bash scripts/device_session.sh matrix 300                # the speed matrix (issue 7) within 300 s
 #   bash scripts/device_session.sh both 6 240                # both, training first
+#   bash scripts/device_session.sh offload                   # GPU-only: offload keeps the subject (issue 19 item 2)
 #
 # What comes back: $OUT/stage5-gpu.tar.* (the run's final/, train_log.csv and config.yaml, in 15 MB parts:
 # restore here with `cat FILES/stage5-gpu.tar.* | tar -x`, which recreates runs/default/stage5-gpu), and
@@ -55,5 +56,6 @@ case ${1:-} in
     train) shift; train "$@" ;;
     matrix) matrix "${2:?seconds}" ;;
     both) train "${2:?minutes}"; matrix "${3:?seconds}" ;;
-    *) echo "usage: $0 train MINUTES [KEY=VALUE ...] | matrix SECONDS | both MINUTES SECONDS" >&2; exit 2 ;;
+    offload) "$PY" scripts/offload_check.py "$OUT" ;;  # GPU-only (sequential offload fails on CPU for the parent too)
+    *) echo "usage: $0 train MINUTES [KEY=VALUE ...] | matrix SECONDS | both MINUTES SECONDS | offload" >&2; exit 2 ;;
 esac

@@ -74,3 +74,34 @@ def test_each_subject_shift_follows_its_own_name_tokens():
     doubled = _shift_logits(state, 0, "a", query.repeat(2, 1, 1, 1), text_key.repeat(2, 1, 1, 1))
     assert torch.allclose(doubled[0], torch.full((6,), 3.0)) and torch.equal(doubled[1], robot)
     assert math.isclose(float(robot.max()), 3.0, rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and offload (issue 19 item 2). diffusers allows model offload on CPU with device="cpu" (hooks,
+# no real move). Sequential offload fails on CPU for the parent pipeline too (accelerate 1.15 with torch 2.13:
+# moving a parameter back to meta raises), so it is checked on a GPU: scripts/offload_check.py.
+
+
+def test_model_offload_gives_the_same_image_with_a_subject(tiny_folder):
+    pipe = load_tiny(tiny_folder)
+    randomize_adapter(pipe)
+    expected = generate(pipe, subject=pipe.encode_subject(random_image(3), "dog"), reference_guidance_scale=1.5)
+    pipe.enable_model_cpu_offload(device="cpu")
+    subject = pipe.encode_subject(random_image(3), "dog")
+    for scale in (0.0, 1.5):
+        image = generate(pipe, subject=subject, reference_guidance_scale=scale)
+        assert image.shape == expected.shape
+    assert np.abs(image - expected).max() <= 1e-5
+
+
+def test_pipe_to_dtype_moves_the_branch_but_branch_to_leaves_the_shared_layers(tiny_pipe):
+    branch = randomize_adapter(tiny_pipe)
+    lora = next(p for n, p in branch.named_parameters() if "lora_A" in n)
+    branch.to(torch.float64)
+    assert lora.dtype == torch.float64 and branch.shift.beta.dtype == torch.float64
+    assert tiny_pipe.transformer.dtype == torch.float32  # the shared base layers did not move
+    tiny_pipe.to(torch.bfloat16)
+    assert lora.dtype == torch.bfloat16 and tiny_pipe.transformer.dtype == torch.bfloat16
+    subject = tiny_pipe.encode_subject(random_image(0), "dog")
+    assert next(iter(subject.keys.values())).dtype == torch.bfloat16
+    assert np.isfinite(generate(tiny_pipe, subject=subject, steps=2)).all()
