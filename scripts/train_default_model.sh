@@ -6,19 +6,19 @@
 # stage 4 (moved subjects, batch 8, ~1 hour on 2 CPU cores), stage 5 (more distractors, ~90 minutes) and stage 6
 # (learning-rate cooldown, ~50 minutes) run anywhere; stage 3 (batch 32, 1,323 steps)
 # took 7.4 minutes on one H100 and would take hours on a laptop CPU: the trainer picks the GPU through
-# accelerate when there is one (accelerate launch -m customshift.training.trainer ... for several).
+# accelerate when there is one (accelerate launch -m customshift train ... for several).
 # Then: python scripts/package_default_model.py runs/default/stage6-cooldown
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAE_MINUTES=${VAE_MINUTES:-30}
 mkdir -p runs/default
 if [ ! -f runs/default/stage1-vae/vae_stats.json ]; then
-  python -m customshift.training.vae --out runs/default/stage1-vae --minutes "$VAE_MINUTES" --threads 1
+  python -m customshift train-vae --out runs/default/stage1-vae --minutes "$VAE_MINUTES" --threads 1
 fi
 stage() {  # stage CONFIG RUN: train to the config's max_steps, resuming if the run has checkpoints
   local resume=()
   if ls "$2"/ckpt-* >/dev/null 2>&1; then resume=(--resume); fi
-  if [ ! -f "$2/final/info.json" ]; then python -m customshift.training.trainer "$1" "${resume[@]}"; fi
+  if [ ! -f "$2/final/info.json" ]; then python -m customshift train "$1" "${resume[@]}"; fi
 }
 stage configs/default-model-v2.yaml runs/default/stage2-v2
 stage configs/default-model-v3-gpu.yaml runs/default/stage3-gpu

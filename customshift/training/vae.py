@@ -2,16 +2,14 @@
 
 The VAE downsamples 4x (64 x 64 x 3 -> 16 x 16 x C), so every 4-px sprite cell is one latent pixel.
 At the end, the latents' mean and spread set the VAE's ``shift_factor`` and ``scaling_factor`` so the
-transformer sees latents with a chosen standard deviation (findings.md: a lower scale puts the learning
+transformer sees latents with a chosen standard deviation (a lower scale puts the learning
 signal where colours are decided). Resumable; checkpoints are written atomically.
 
-    python -m customshift.training.vae --out runs/vae --minutes 15
+    customshift train-vae --out runs/vae --minutes 15
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import time
@@ -135,18 +133,12 @@ def _calibrate(vae, model_dir: Path, latent_std: float, seed: int, samples: int 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--minutes", type=float, default=15.0)
-    parser.add_argument("--max-steps", type=int, default=100_000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--latent-std", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    folder = train_vae(args.out, minutes=args.minutes, max_steps=args.max_steps, batch_size=args.batch_size,
-                       lr=args.lr, latent_std=args.latent_std, threads=args.threads)
-    print(json.dumps(json.loads((folder.parent / "vae_stats.json").read_text())))
+    """``python -m customshift.training.vae ...``: an alias of ``customshift train-vae ...``."""
+    import sys
+
+    from ..cli import app
+
+    app(["train-vae", *sys.argv[1:]], prog_name="customshift")
 
 
 if __name__ == "__main__":
