@@ -85,6 +85,7 @@ class Limits:
     max_prompt_chars: int = 1000
     max_subject_chars: int = 100
     max_queue: int = 16  # requests waiting behind the running one; more are refused
+    max_upload_cache_mb: float = 1024.0  # everything the upload folder may hold (uploads and cached outputs)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -95,6 +96,11 @@ class Limits:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_request_upload_bytes(self) -> int:
+        """All the files of one upload request together: every reference at its largest."""
+        return self.max_references * self.max_upload_bytes
 
     @property
     def max_pixels(self) -> int:
@@ -561,6 +567,7 @@ def create_app(
     max_resolution: int = 1536,
     max_steps: int = 100,
     max_queue: int = 16,
+    max_upload_cache_mb: float = 1024,
     default_steps: int = 28,
     default_guidance: float = 7.0,
     notice: str | None = None,
@@ -585,6 +592,7 @@ def create_app(
         max_resolution=max_resolution,
         max_steps=max_steps,
         max_queue=max_queue,
+        max_upload_cache_mb=max_upload_cache_mb,
     )
     from gradio.utils import get_upload_folder
 
@@ -694,11 +702,31 @@ def create_app(
             concurrency_limit=1,
         )
     demo.queue(default_concurrency_limit=1, max_size=limits.max_queue)
+    _explain_refused_paths(demo)
     demo.customshift_engine = engine  # type: ignore[attr-defined]  # for launch() and the tests
     return demo
 
 
 build_app = create_app
+
+
+def _explain_refused_paths(demo: gr.Blocks) -> None:
+    """gradio refuses a request naming a file outside its upload folder before our code runs, showing the
+    client ``{"error": null}`` and logging a traceback: refuse it with a message instead, and quietly."""
+    import gradio as gr
+    from gradio.exceptions import InvalidPathError
+
+    original = demo.preprocess_data
+
+    async def preprocess_data(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(*args, **kwargs)
+        except InvalidPathError:
+            logger.info("refused a request naming a file that was not uploaded through the page")
+            raise gr.Error("a reference image was not uploaded through this page; upload it again",
+                           print_exception=False) from None
+
+    demo.preprocess_data = preprocess_data  # type: ignore[method-assign]  # this app only, not gradio's class
 
 
 def _release_memory() -> None:
@@ -722,9 +750,17 @@ def launch(
     """Start ``demo`` with the safe settings: upload size limit, no extra served paths, no share link,
     no SSR (no Node), no MCP. Returns the local URL (when ``block=False``; otherwise runs until stopped)."""
     import gradio as gr
+    from gradio.utils import get_upload_folder
+    from starlette.middleware import Middleware
+
+    from .webui_uploads import UploadBudget
 
     engine: DemoEngine | None = getattr(demo, "customshift_engine", None)
-    max_file_size = engine.limits.max_upload_bytes if engine else 10 * 1024 * 1024
+    limits = engine.limits if engine else Limits()
+    max_file_size = limits.max_upload_bytes
+    budget = Middleware(UploadBudget, folder=get_upload_folder, max_files=limits.max_references,
+                        max_request_bytes=limits.max_request_upload_bytes,
+                        max_folder_bytes=int(limits.max_upload_cache_mb * 1024 * 1024))
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: the demo is reachable from other machines; it has no authentication", host)
     theme = gr.themes.Soft(
@@ -737,6 +773,7 @@ def launch(
         prevent_thread_lock=not block,
         allowed_paths=[],
         max_file_size=max_file_size,
+        app_kwargs={"middleware": [budget]},
         ssr_mode=False,
         mcp_server=False,
         show_error=False,
@@ -847,6 +884,11 @@ def serve(
     Blocks until interrupted unless ``block=False``; returns the running app (``.local_url``,
     ``.close()``).
     """
+    if block:  # the command line: this process serves one app, whose folders go when it stops (SIGTERM too)
+        from .webui_uploads import cleanup_on_exit
+
+        uploads = tempfile.mkdtemp(prefix="customshift-webui-uploads-")
+        os.environ["GRADIO_TEMP_DIR"] = uploads  # a private upload folder, not the machine's shared /tmp/gradio
     pipe, notice, name = load_pipeline(model, weights, device=device, dtype=dtype)
     demo = create_app(
         pipe,
@@ -860,5 +902,13 @@ def serve(
         default_steps=8 if notice == TINY_NOTICE else 28,
         default_guidance=default_guidance_for(name),
     )
+    if block:
+        remove = cleanup_on_exit(uploads, demo.customshift_engine.output_dir)
+        try:
+            launch(demo, host, port, block=True)
+        finally:
+            demo.close()
+            remove()
+        return demo
     launch(demo, host, port, block=block)
     return demo
