@@ -151,8 +151,8 @@ def test_two_process_accelerate_launch(tmp_path):
     port = str(29500 + os.getpid() % 500)
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-               "-m", "customshift.training.trainer", str(SMOKE), "--set", f"output_dir={run}", "train.max_steps=3",
-               "checkpoint.every_steps=2", "train.log_every=1"]
+               "-m", "customshift", "train", str(SMOKE), "--set", f"output_dir={run}", "--set", "train.max_steps=3",
+               "--set", "checkpoint.every_steps=2", "--set", "train.log_every=1"]  # as docs/training.md says
     # No GPU here: ACCELERATE_USE_CPU makes accelerate's torchrun launch use gloo on CPUs.
     result = subprocess.run(command, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
                             timeout=120)
