@@ -73,6 +73,7 @@ SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 VERTICAL_NAMES: tuple[str, ...] = tuple(VERTICAL)
 HORIZONTAL_NAMES: tuple[str, ...] = tuple(HORIZONTAL)
 TRACKS: tuple[str, ...] = ("clean", "distractor")
+TRAINING_TRACKS: tuple[str, ...] = (*TRACKS, "two_subject")  # data.track names (two_subject: spec version 2)
 LAYOUTS: tuple[str, ...] = ("random", "same_layout", "same_size")
 # Spec version 2: where the reference's subject sits (``grid``: the prompt grid; ``free``: any pixel offset)
 # and where a distractor may sit (``grid``: version 1's generator, the 3 x 3 prompt grid; ``any``: any pixel
@@ -837,6 +838,16 @@ def sample_two_subject(rng: np.random.Generator, subjects: tuple[Subject, Subjec
     Draw order: subjects (if not given; the second redrawn until its class differs), each reference
     placement, the target background, then both target contexts (redrawn together until apart).
     """
+    return sample_two_subject_group(rng, 1, subjects, placement)[0]
+
+
+def sample_two_subject_group(rng: np.random.Generator, n_targets: int,
+                             subjects: tuple[Subject, Subject] | None = None,
+                             placement: str = "grid") -> list[TwoSubjectPair]:
+    """``n_targets`` two-subject pairs sharing both references (training: several targets per reference
+    pass); each target draws its own background and contexts, in `sample_two_subject`'s order."""
+    if n_targets < 1:
+        raise ValueError(f"n_targets must be >= 1, got {n_targets}")
     _check_choice(placement, PLACEMENTS, "placement")
     if subjects is None:
         first = sample_training_subject(rng)
@@ -854,21 +865,24 @@ def sample_two_subject(rng: np.random.Generator, subjects: tuple[Subject, Subjec
         refs.append(image)
         ref_ctxs.append(ctx)
         ref_boxes.append(box)
-    background = _pick(rng, BACKGROUND_NAMES)
-    while True:
-        ctxs = [Context(_pick(rng, SIZE_NAMES), _pick(rng, VERTICAL_NAMES), _pick(rng, HORIZONTAL_NAMES),
-                        background) for _ in subjects]
-        boxes = [sprite_box(c) for c in ctxs]
-        if box_gap(*boxes) >= MIN_TARGET_GAP:
-            break
-    target = render_boxes(background, list(zip(subjects, boxes, strict=True)))
-    target.setflags(write=False)
-    return TwoSubjectPair(
-        references=(refs[0], refs[1]), target=target, prompt=two_subject_prompt([s.cls for s in subjects], ctxs),
-        subjects=(subjects[0], subjects[1]), target_contexts=(ctxs[0], ctxs[1]),
-        reference_contexts=(ref_ctxs[0], ref_ctxs[1]), reference_boxes=(ref_boxes[0], ref_boxes[1]),
-        placement=placement,
-    )
+    pairs = []
+    for _ in range(n_targets):
+        background = _pick(rng, BACKGROUND_NAMES)
+        while True:
+            ctxs = [Context(_pick(rng, SIZE_NAMES), _pick(rng, VERTICAL_NAMES), _pick(rng, HORIZONTAL_NAMES),
+                            background) for _ in subjects]
+            boxes = [sprite_box(c) for c in ctxs]
+            if box_gap(*boxes) >= MIN_TARGET_GAP:
+                break
+        target = render_boxes(background, list(zip(subjects, boxes, strict=True)))
+        target.setflags(write=False)
+        pairs.append(TwoSubjectPair(
+            references=(refs[0], refs[1]), target=target,
+            prompt=two_subject_prompt([s.cls for s in subjects], ctxs), subjects=(subjects[0], subjects[1]),
+            target_contexts=(ctxs[0], ctxs[1]), reference_contexts=(ref_ctxs[0], ref_ctxs[1]),
+            reference_boxes=(ref_boxes[0], ref_boxes[1]), placement=placement,
+        ))
+    return pairs
 
 
 def two_subject_split(n: int = 64, seed: int = 0, placement: str = "grid") -> list[TwoSubjectPair]:

@@ -61,13 +61,18 @@ class BatchBuilder:
         embeds, pooled = self._encode_texts(texts)
         batch["prompt_embeds"], batch["pooled_embeds"] = embeds, pooled
         if self.use_reference:
+            # Groups with a second subject (two-subject targets) add their second reference after the firsts:
+            # the branch reads every reference in one pass.
+            seconds = [i for i, gr in enumerate(groups) if gr.second is not None]
+            references = [gr.reference for gr in groups] + [groups[i].second[0] for i in seconds]
+            names = [gr.subject for gr in groups] + [groups[i].second[1] for i in seconds]
             batch["reference_latents"] = pipe.prepare_reference_latents(
-                [gr.reference for gr in groups], self.resolution, self.resolution).to(pipe.transformer.dtype)
-            tokens = [self._subject_tokens(gr.subject) for gr in groups]
+                references, self.resolution, self.resolution).to(pipe.transformer.dtype)
+            tokens = [self._subject_tokens(name) for name in names]
             length = max(e.shape[1] for e, _ in tokens)
             width = tokens[0][0].shape[2]
-            subject_embeds = embeds.new_zeros(len(groups), length, width)
-            mask = torch.zeros(len(groups), length, device=device)
+            subject_embeds = embeds.new_zeros(len(references), length, width)
+            mask = torch.zeros(len(references), length, device=device)
             for i, (e, _) in enumerate(tokens):
                 subject_embeds[i, : e.shape[1]] = e[0]
                 mask[i, : e.shape[1]] = 1
@@ -77,6 +82,8 @@ class BatchBuilder:
             batch["reference_index"] = torch.tensor(reference_index, device=device)
             batch["subject_weights"] = self._subject_weights(texts, subjects, embeds.shape[1])
             batch["log_scale"] = torch.where(drop_reference, -math.inf, 0.0).to(device)
+            if seconds:
+                batch |= self._second_subject(groups, seconds, reference_index, texts, drop_reference, embeds.shape[1])
         batch["sigmas"] = self.sigmas(n, g).to(device)
         batch["noise"] = torch.randn(batch["target_latents"].shape, generator=g).to(device)
         if t.foreground_loss_weight != 1.0:
@@ -123,6 +130,22 @@ class BatchBuilder:
             self.cache.move_to_end(("text", text))
             rows.append(row)
         return torch.stack([e for e, _ in rows]), torch.stack([p for _, p in rows])
+
+    def _second_subject(self, groups: Sequence[Any], seconds: list[int], reference_index: list[int],
+                        texts: Sequence[str], drop_reference: Tensor, length: int) -> dict[str, Tensor]:
+        """The second reference set of CADS: per target the index of its group's second reference (targets of
+        one-subject groups point at their own reference and are switched off with log_scale -inf), and the
+        weights of the second subject's name in each prompt (its own m_i)."""
+        slot = {g: len(groups) + k for k, g in enumerate(seconds)}
+        has_second = torch.tensor([g in slot for g in reference_index])
+        index = [slot.get(g, g) for g in reference_index]
+        rows = [j for j, g in enumerate(reference_index) if g in slot]
+        weights = torch.zeros(len(texts), length, device=self.device)
+        weights[rows] = self._subject_weights([texts[j] for j in rows],
+                                              [groups[reference_index[j]].second[1] for j in rows], length)
+        off = drop_reference.cpu() | ~has_second
+        return {"second_index": torch.tensor(index, device=self.device), "second_weights": weights,
+                "second_log_scale": torch.where(off, -math.inf, 0.0).to(self.device)}
 
     def _subject_weights(self, texts: Sequence[str], subjects: Sequence[str], length: int) -> Tensor:
         """Where each target's subject sits in its prompt; the pipeline's per-prompt warning becomes one note."""

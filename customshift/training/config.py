@@ -89,7 +89,7 @@ Weights = dict[Str, Annotated[float, BeforeValidator(_number), Field(ge=0, allow
 def _choices(kind: str) -> tuple[str, ...]:
     from .. import synthetic
 
-    return {"track": synthetic.TRACKS, "layout": synthetic.LAYOUTS, "placement": synthetic.PLACEMENTS}[kind]
+    return {"track": synthetic.TRAINING_TRACKS, "layout": synthetic.LAYOUTS, "placement": synthetic.PLACEMENTS}[kind]
 
 
 def _named(kind: str) -> Any:

@@ -74,6 +74,7 @@ class Group:
     prompts: list[str]
     origin: str
     pairs: list[Any] | None = field(default=None, repr=False)  # synthetic Pairs, for exact metrics
+    second: tuple[Image.Image, str] | None = None  # a second subject (reference, name) in the same targets
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +128,8 @@ class SyntheticSource:
         if [n for n in names if n not in synthetic.PLACEMENTS]:
             raise ValueError(f"data.placement: unknown placement in {names}; expected names from "
                              f"{list(synthetic.PLACEMENTS)}")
-        for spec, allowed, what in ((track, synthetic.TRACKS, "track"), (layout, synthetic.LAYOUTS, "layout")):
+        for spec, allowed, what in ((track, synthetic.TRAINING_TRACKS, "track"),
+                                    (layout, synthetic.LAYOUTS, "layout")):
             specs = [spec] + [s[what] for s in self.curriculum if what in s]
             for one in specs:
                 names = [one] if isinstance(one, str) else list(one)
@@ -151,6 +153,13 @@ class SyntheticSource:
         layout = _draw_weighted(rng, layout_spec)
         # "grid" draws nothing, so version-1 configs keep their exact item streams.
         placement = "grid" if self.placement == "grid" else _draw_weighted(rng, self.placement)
+        if track == "two_subject":
+            pairs = synthetic.sample_two_subject_group(rng, self.targets_per_reference, placement=placement)
+            first = pairs[0]
+            return Group(reference=load_image(first.references[0]), subject=first.subject_names[0],
+                         targets=[load_image(p.target) for p in pairs], prompts=[p.prompt for p in pairs],
+                         origin=f"synthetic item {index}", pairs=list(pairs),
+                         second=(load_image(first.references[1]), first.subject_names[1]))
         pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout,
                                        placement=placement, distractor_offsets=self.distractor_offsets)
         return group_from_pairs(pairs, f"synthetic item {index}")

@@ -45,7 +45,14 @@ class Objective(nn.Module):
                 log_scale=batch["log_scale"],
                 subject_weights=batch["subject_weights"],
             )
-            state = build_cads_state(self.branch.config, self.branch.shift, [reference], device=noisy.device,
+            references = [reference]
+            if "second_index" in batch:  # two-subject targets: a second set with its own subject relevance
+                second = batch["second_index"]
+                references.append(ReferenceSet(
+                    keys={name: k[second] for name, (k, _) in kv.items()},
+                    values={name: v[second] for name, (_, v) in kv.items()},
+                    log_scale=batch["second_log_scale"], subject_weights=batch["second_weights"]))
+            state = build_cads_state(self.branch.config, self.branch.shift, references, device=noisy.device,
                                      dtype=self.transformer.dtype, trainable=True)
             kwargs = {"customshift": state}
         pred = self.transformer(
