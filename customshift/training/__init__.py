@@ -1,8 +1,8 @@
 """Training CustomShift (and the project's own small SD3 models): config, data, the accelerate trainer.
 
-Entry points: ``train_main(config_path, overrides, resume)`` (what ``customshift train`` calls) and
-``python -m customshift.training.trainer CONFIG [--set k=v ...] [--resume [PATH]]`` (also under
-``accelerate launch``). Imports are lazy so that ``import customshift.training`` stays cheap.
+Entry points: ``customshift train CONFIG [--set k=v ...] [--resume [PATH]]`` (customshift/training/commands.py;
+also under ``accelerate launch -m customshift train``, docs/training.md), which calls
+``train_main(config_path, overrides, resume)``. Imports are lazy so that ``import customshift.training`` stays cheap.
 """
 
 from __future__ import annotations

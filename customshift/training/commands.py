@@ -86,7 +86,7 @@ def train_vae(
 
 
 def train_default_model() -> None:
-    """Run the default model's recipe (scripts/train_default_model.sh in a source checkout); resumable."""
+    """Run the default model's whole recipe, resumable: scripts/train_default_model.sh of a source checkout."""
     from ..errors import CustomShiftError
 
     root = Path(__file__).resolve().parents[2]
