@@ -173,6 +173,9 @@ def encode(
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
     reference_dtype: ReferenceDtypeOpt = "auto",
+    compact: Annotated[bool, typer.Option(
+        "--compact", help="Save the reference latents and subject tokens (about 1 MiB) instead of the keys/values "
+        "(hundreds of MiB on real models); they are recomputed in one pass when the embedding is loaded.")] = False,
 ) -> None:
     """Compute a subject embedding once and save it, to reuse with ``generate --reference emb.safetensors``."""
     from .checks import check_device, check_out_file, check_reference, check_sizes, check_texts, model_geometry
@@ -191,7 +194,7 @@ def encode(
     check_sizes(height, width, model_geometry(model or default_model_path()))
     remove_stale_temps(out)
     pipe = load_pipeline(model, weights, device, dtype)
-    pipe.encode_subject(reference, subject, height, width, dtype=kv_dtype).save(out)
+    pipe.encode_subject(reference, subject, height, width, dtype=kv_dtype).save(out, compact=compact)
     typer.echo(f"wrote {out}")
 
 

@@ -168,6 +168,27 @@ def load_pipeline(model: str | None, weights: str | None, device: str | None = N
     return pipe.to(device)
 
 
+def load_embeddings(pipe: Any, jobs: Sequence[Job], reference_dtype: torch.dtype | None) -> dict[Any, Any]:
+    """The jobs' saved subject embeddings (compact ones expanded), each checked against its job and the model."""
+    from .errors import SubjectEmbeddingError
+    from .reference import SubjectEmbedding
+
+    subjects: dict[tuple[tuple[str, ...], str], Any] = {}
+    for job in jobs:
+        key = (tuple(job.references), job.subject)
+        if key in subjects or len(job.references) != 1 or not job.references[0].endswith(".safetensors"):
+            continue
+        embedding = SubjectEmbedding.load(job.references[0], pipeline=pipe)
+        if embedding.subject != job.subject:
+            raise SubjectEmbeddingError(
+                f"{job.references[0]} is an embedding of {embedding.subject!r}, not {job.subject!r}: pass "
+                f"--subject {embedding.subject!r}, or encode the reference again for {job.subject!r}"
+            )
+        pipe.check_subject(embedding)
+        subjects[key] = embedding.to(pipe.device, reference_dtype)
+    return subjects
+
+
 def run_jobs(
     pipe,
     jobs: Iterable[Job],
@@ -187,6 +208,9 @@ def run_jobs(
     from .io import atomic_save_image, atomic_write_json, file_sha256
     from .reference import SubjectEmbedding
 
+    jobs = list(jobs)
+    # Saved subject embeddings are checked (and kept) before anything is written: a bad one, no output.
+    subjects = load_embeddings(pipe, jobs, parse_dtype(params.reference_dtype, "--reference-dtype"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.tmp-*"):  # left by a run killed mid-write; never a finished output
@@ -194,7 +218,6 @@ def run_jobs(
     jobs = list(jobs)
     # Done means both files: a sidecar whose image was deleted is redone, not "kept".
     todo = [j for j in jobs if overwrite or not all((out_dir / f"{j.id}{ext}").is_file() for ext in (".json", ".png"))]
-    subjects: dict[tuple[tuple[str, ...], str], Any] = {}
     pipe.set_progress_bar_config(leave=False, position=1, disable=not progress)
     source = getattr(pipe, "_customshift_source", {})
     reference_dtype = parse_dtype(params.reference_dtype, "--reference-dtype")

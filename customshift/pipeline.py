@@ -209,12 +209,13 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_size(height, width)
-        latents = self.prepare_reference_latents(pil, height, width).to(self.transformer.dtype)
+        # Contiguous: the branch's result depends (~1e-6) on memory layout, and a compact embedding saves only values.
+        latents = self.prepare_reference_latents(pil, height, width).to(self.transformer.dtype).contiguous()
         embeds, pooled = self.subject_tokens(subject)
         inputs = {
             "reference_latents": latents,
-            "subject_embeds": embeds.to(self.transformer.dtype).expand(len(pil), -1, -1),
-            "subject_pooled": pooled.to(self.transformer.dtype).expand(len(pil), -1),
+            "subject_embeds": embeds.to(self.transformer.dtype).expand(len(pil), -1, -1).contiguous(),
+            "subject_pooled": pooled.to(self.transformer.dtype).expand(len(pil), -1).contiguous(),
         }
         keys, values = self._run_reference_branch(inputs)
         if dtype is not None:
@@ -260,8 +261,9 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
         self.reference_branch.to(self._offload_device)
 
-    def check_subject(self, subject: SubjectEmbedding) -> None:
-        """Refuse an embedding made with another base model or other CustomShift weights."""
+    def check_subject(self, subject: SubjectEmbedding, fingerprints_only: bool = False) -> None:
+        """Refuse an embedding made with another base model or other CustomShift weights, or whose layers
+        and shapes are not this model's (``fingerprints_only``: a compact one, before it is expanded)."""
         if subject.base_fingerprint != self.base_fingerprint:
             raise IncompatibleWeightsError(
                 f"subject embedding '{subject.subject}' was made for another base model "
@@ -273,9 +275,9 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
                 f"subject embedding '{subject.subject}' was made with other CustomShift weights "
                 f"({subject.weights_fingerprint}, loaded: {self.weights_fingerprint}); encode the subject again"
             )
-        missing = set(self.reference_branch.processor_names) - set(subject.keys)
-        if missing:
-            raise IncompatibleWeightsError(f"subject embedding lacks layers {sorted(missing)[:3]}")
+        if not fingerprints_only:
+            modules = {n: self.reference_branch.tree.get_submodule(n) for n in self.reference_branch.processor_names}
+            subject.check_fits({n: (m.heads, m.inner_dim // m.heads) for n, m in modules.items()})
 
     def subject_token_weights(self, prompts: Sequence[str], subject: str, length: int) -> Tensor:
         """(len(prompts), length): where the subject's tokens sit in each prompt's text sequence.

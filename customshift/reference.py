@@ -11,6 +11,7 @@ and reused for every step, prompt and seed, and can be saved to disk.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import types
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from .attention import ShiftParameters, install_processors
 from .config import CustomShiftConfig
-from .errors import IncompatibleWeightsError
+from .errors import IncompatibleWeightsError, SubjectEmbeddingError
 
 EMBEDDING_FORMAT = "customshift-subject-embedding/1"
 REFERENCE_ADAPTER = "reference"
@@ -74,8 +75,12 @@ class SubjectEmbedding:
     """Per-layer reference keys/values of one subject, plus what they were made from.
 
     ``keys[name]`` / ``values[name]`` have shape (1, heads, R, head_dim) for each CADS processor
-    name. ``inputs`` holds the branch inputs (reference latents, subject tokens) in memory so the
-    branch can be re-run; it is not saved.
+    name. ``inputs`` holds the branch inputs (reference latents, subject tokens) so the branch can be re-run.
+
+    Two forms on disk: the full one (the keys/values themselves: ready at once, but 576 MiB in fp16 for a
+    1024² reference on SD3-medium) and the compact one (``save(path, compact=True)``: only ``inputs``, about
+    a megabyte; ``load(path, pipeline=pipe)`` recomputes the keys/values in one branch pass, exactly).
+    docs/diffusers.md gives the sizes.
     """
 
     keys: dict[str, Tensor]
@@ -86,44 +91,60 @@ class SubjectEmbedding:
     resolution: tuple[int, int]
     num_references: int = 1
     inputs: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    kv_dtype: torch.dtype | None = field(default=None, repr=False, compare=False)  # compact: the keys' dtype
 
     @property
     def num_tokens(self) -> int:
         return next(iter(self.keys.values())).shape[2]
 
+    @property
+    def compact(self) -> bool:
+        """Loaded from a compact file and not yet expanded (no keys/values: see ``expand``)."""
+        return not self.keys
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SubjectEmbedding:
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-        return SubjectEmbedding(
-            keys={k: move(v) for k, v in self.keys.items()},
-            values={k: move(v) for k, v in self.values.items()},
-            subject=self.subject,
-            base_fingerprint=self.base_fingerprint,
-            weights_fingerprint=self.weights_fingerprint,
-            resolution=self.resolution,
-            num_references=self.num_references,
-            inputs=self.inputs,
-        )
+        return dataclasses.replace(self, keys={k: move(v) for k, v in self.keys.items()},
+                                   values={k: move(v) for k, v in self.values.items()})
 
-    def save(self, path: str | Path) -> Path:
-        """Write the embedding as one safetensors file (atomic: a crash never leaves half a file)."""
+    def save(self, path: str | Path, compact: bool = False) -> Path:
+        """Write the embedding as one safetensors file (atomic: a crash never leaves half a file).
+
+        ``compact=True`` stores the branch inputs instead of the keys/values (hundreds of times smaller;
+        loading it needs the pipeline, to recompute them).
+        """
         from .io import atomic_save_safetensors
 
-        tensors = {f"k::{n}": t.detach().contiguous().cpu() for n, t in self.keys.items()}
-        tensors.update({f"v::{n}": t.detach().contiguous().cpu() for n, t in self.values.items()})
+        if compact and not self.inputs:
+            raise SubjectEmbeddingError("a compact embedding needs the branch inputs: save one from encode_subject")
+        if compact:
+            tensors = {f"in::{n}": t.detach().contiguous().cpu() for n, t in self.inputs.items()}
+            dtype = self.kv_dtype or next(iter(self.keys.values())).dtype
+        else:
+            tensors = {f"k::{n}": t.detach().contiguous().cpu() for n, t in self.keys.items()}
+            tensors.update({f"v::{n}": t.detach().contiguous().cpu() for n, t in self.values.items()})
         metadata = {
             "format": EMBEDDING_FORMAT,
+            "form": "compact" if compact else "full",
             "subject": self.subject,
             "base_fingerprint": self.base_fingerprint,
             "weights_fingerprint": self.weights_fingerprint,
             "resolution": json.dumps(list(self.resolution)),
             "num_references": str(self.num_references),
         }
+        if compact:
+            metadata["kv_dtype"] = str(dtype).removeprefix("torch.")
         path = Path(path)
         atomic_save_safetensors(tensors, path, metadata=metadata)
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SubjectEmbedding:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", pipeline: Any = None) -> SubjectEmbedding:
+        """Read and check an embedding file; a compact one is expanded when ``pipeline`` is given.
+
+        Every check is here, before a single image is made: metadata, NaN/inf, pairs of keys and values of
+        one shape (`check_fits` adds the pipeline's layers).
+        """
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -133,7 +154,7 @@ class SubjectEmbedding:
             with safe_open(str(path), framework="pt", device=str(device)) as handle:
                 metadata = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        except (SafetensorError, OSError, ValueError) as error:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise IncompatibleWeightsError(
                 f"{path}: not a readable safetensors file ({error}); re-create it with encode_subject"
             ) from None
@@ -142,15 +163,90 @@ class SubjectEmbedding:
                 f"{path}: not a CustomShift subject embedding (format {metadata.get('format')!r}, "
                 f"expected {EMBEDDING_FORMAT!r})"
             )
-        return cls(
-            keys={n[3:]: t for n, t in tensors.items() if n.startswith("k::")},
-            values={n[3:]: t for n, t in tensors.items() if n.startswith("v::")},
-            subject=metadata["subject"],
-            base_fingerprint=metadata["base_fingerprint"],
-            weights_fingerprint=metadata["weights_fingerprint"],
-            resolution=tuple(json.loads(metadata["resolution"])),
-            num_references=int(metadata.get("num_references", "1")),
-        )
+        fields = _read_metadata(path, metadata)
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise SubjectEmbeddingError(f"{path}: tensor {name!r} is not finite floating point (NaN or inf?)")
+        if fields.pop("form") == "compact":
+            inputs = {n[4:]: t for n, t in tensors.items() if n.startswith("in::")}
+            _check_inputs(path, inputs, fields["num_references"])
+            embedding = cls(keys={}, values={}, inputs=inputs, **fields)
+            return embedding.expand(pipeline) if pipeline is not None else embedding
+        keys = {n[3:]: t for n, t in tensors.items() if n.startswith("k::")}
+        values = {n[3:]: t for n, t in tensors.items() if n.startswith("v::")}
+        if not keys or set(keys) != set(values):
+            odd = sorted(set(keys) ^ set(values)) or ["(no layers)"]
+            raise SubjectEmbeddingError(f"{path}: keys and values are not in pairs (layer {odd[0]})")
+        for name, key in keys.items():
+            if key.dim() != 4 or key.shape[0] != 1 or key.shape != values[name].shape:
+                raise SubjectEmbeddingError(f"{path}: layer {name}: key {tuple(key.shape)} and value "
+                                            f"{tuple(values[name].shape)} are not both (1, heads, tokens, dim)")
+        fields.pop("kv_dtype")
+        return cls(keys=keys, values=values, **fields)
+
+    def expand(self, pipeline: Any) -> SubjectEmbedding:
+        """A compact embedding with its keys/values recomputed by ``pipeline``'s branch (one pass)."""
+        if not self.compact:
+            return self
+        pipeline.check_subject(self, fingerprints_only=True)
+        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        with torch.no_grad():
+            pipeline.reference_branch.to(device)
+            inputs = {n: t.to(device, dtype) for n, t in self.inputs.items()}
+            keys, values = pipeline.reference_branch.encode(inputs)
+        kv = self.kv_dtype or dtype
+        return dataclasses.replace(self, keys={n: k.to(kv) for n, k in keys.items()},
+                                   values={n: v.to(kv) for n, v in values.items()}, inputs=inputs)
+
+    def check_fits(self, layers: dict[str, tuple[int, int]]) -> None:
+        """Refuse keys/values whose layers or (heads, head_dim) are not the pipeline's ``layers``."""
+        if self.compact:
+            raise SubjectEmbeddingError(f"subject embedding '{self.subject}' is compact: load it with "
+                                        "SubjectEmbedding.load(path, pipeline=pipe) (or call .expand(pipe))")
+        missing, unknown = sorted(set(layers) - set(self.keys)), sorted(set(self.keys) - set(layers))
+        if missing or unknown:
+            raise SubjectEmbeddingError(f"subject embedding '{self.subject}' lacks layers {missing[:3]} or has "
+                                        f"layers this model does not {unknown[:3]}")
+        for name, (heads, head_dim) in layers.items():
+            shape = tuple(self.keys[name].shape)
+            if (shape[1], shape[3]) != (heads, head_dim):
+                raise SubjectEmbeddingError(f"subject embedding '{self.subject}': layer {name} has {shape[1]} heads "
+                                            f"of {shape[3]}, this model {heads} of {head_dim}")
+
+
+def _read_metadata(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """The embedding's own fields from safetensors metadata (all strings), each checked."""
+    missing = sorted({"subject", "base_fingerprint", "weights_fingerprint", "resolution"} - set(metadata))
+    if missing:
+        raise SubjectEmbeddingError(f"{path}: metadata lacks {missing}; re-create it with encode_subject")
+    try:
+        resolution = json.loads(metadata["resolution"])
+        references = int(metadata.get("num_references", "1"))
+        kv_dtype = getattr(torch, metadata["kv_dtype"]) if "kv_dtype" in metadata else None
+        if not (isinstance(resolution, list) and len(resolution) == 2 and all(
+                isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in resolution)):
+            raise ValueError(f"resolution {metadata['resolution']!r}")
+        if references < 1 or not metadata["subject"].strip() or (
+                kv_dtype is not None and not (isinstance(kv_dtype, torch.dtype) and kv_dtype.is_floating_point)):
+            raise ValueError("num_references, subject or kv_dtype")
+    except (ValueError, TypeError, AttributeError, RecursionError) as error:
+        raise SubjectEmbeddingError(f"{path}: unparsable metadata ({str(error)[:100]})") from None
+    form = metadata.get("form", "full")
+    if form not in ("full", "compact"):
+        raise SubjectEmbeddingError(f"{path}: unknown form {form!r}")
+    return {"subject": metadata["subject"], "base_fingerprint": metadata["base_fingerprint"],
+            "weights_fingerprint": metadata["weights_fingerprint"], "resolution": tuple(resolution),
+            "num_references": references, "kv_dtype": kv_dtype, "form": form}
+
+
+def _check_inputs(path: Path, inputs: dict[str, Tensor], references: int) -> None:
+    """A compact file's branch inputs: latents (N, C, h, w), subject tokens (N, S, D), pooled (N, P)."""
+    dims = {"reference_latents": 4, "subject_embeds": 3, "subject_pooled": 2}
+    for name, dim in dims.items():
+        tensor = inputs.get(name)
+        if tensor is None or tensor.dim() != dim or tensor.shape[0] != references:
+            raise SubjectEmbeddingError(f"{path}: compact input {name!r} is missing or not {dim}-D with "
+                                        f"{references} reference(s)")
 
 
 # ----------------------------------------------------------------------------------------------------------
