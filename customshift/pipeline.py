@@ -127,21 +127,21 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
     def set_customshift_config(self, config: CustomShiftConfig) -> ReferenceBranch:
         """Rebuild the Reference-Alignment Branch (fresh LoRA, initial shift) for ``config``."""
         self.customshift_config = config
-        self.reference_branch = ReferenceBranch(self.transformer, config).to(self._execution_device)
+        self.reference_branch = ReferenceBranch(_unwrap(self.transformer), config).to(self._execution_device)
         self._weights_fingerprint = TRAINING_FREE if config.lora_rank == 0 else None
         return self.reference_branch
 
     @property
     def base_fingerprint(self) -> str:
         if self._base_fingerprint is None:
-            self._base_fingerprint = base_fingerprint(self.transformer)
+            self._base_fingerprint = base_fingerprint(_unwrap(self.transformer))  # the same under torch.compile
         return self._base_fingerprint
 
     @property
     def weights_fingerprint(self) -> str:
         if self._weights_fingerprint is None:
             self._weights_fingerprint = tensors_fingerprint(self.customshift_state_dict())
-        return self._weights_fingerprint
+        return self._weights_fingerprint + getattr(self, "_fused_loras", "")  # fused LoRAs changed the base layers
 
     def customshift_weights_changed(self, base: bool = False) -> None:
         """Call after changing weights in place (the trainer does), so that subject embeddings made before
@@ -261,6 +261,57 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
         self.reference_branch.to(self._offload_device)
 
+    # ------------------------------------------------------------------------------------------------------
+    # User LoRAs beside the CustomShift generation adapter (diffusers' calls would switch it off or delete it)
+
+    def _generation_adapter(self) -> bool:
+        return GENERATION_ADAPTER in (getattr(_unwrap(self.transformer), "peft_config", None) or {})
+
+    def load_lora_weights(self, *args: Any, **kwargs: Any) -> None:
+        super().load_lora_weights(*args, **kwargs)
+        if self._generation_adapter():
+            transformer = _unwrap(self.transformer)
+            transformer.set_adapters([*transformer.active_adapters(), GENERATION_ADAPTER])
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self._generation_adapter() and GENERATION_ADAPTER not in names:
+            weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+            names, adapter_weights = [*names, GENERATION_ADAPTER], [*weights, 1.0]
+        super().set_adapters(names, adapter_weights)
+
+    def unload_lora_weights(self, *args: Any, **kwargs: Any) -> None:
+        """Removes the user's LoRAs; the CustomShift generation adapter (trained weights) is kept."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        kept = get_peft_model_state_dict(_unwrap(self.transformer), adapter_name=GENERATION_ADAPTER) \
+            if self._generation_adapter() else None
+        super().unload_lora_weights(*args, **kwargs)
+        if kept is not None:
+            self.add_generation_lora()
+            set_peft_model_state_dict(_unwrap(self.transformer), kept, adapter_name=GENERATION_ADAPTER)
+
+    def fuse_lora(self, components: Sequence[str] = ("transformer", "text_encoder", "text_encoder_2"),
+                  lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None,
+                  **kwargs: Any) -> None:
+        """diffusers' ``fuse_lora``, never the CustomShift generation adapter (the reference branch shares the base
+        layers). Fusing changes the base layers the branch reads, so subject embeddings made before are stale."""
+        from peft.utils import get_peft_model_state_dict
+
+        transformer = _unwrap(self.transformer)
+        if adapter_names is None and self._generation_adapter():
+            adapter_names = [a for a in transformer.active_adapters() if a != GENERATION_ADAPTER]
+        super().fuse_lora(components=list(components), lora_scale=lora_scale, safe_fusing=safe_fusing,
+                          adapter_names=adapter_names, **kwargs)
+        fused = {f"{name}.{key}": tensor for name in (adapter_names or transformer.active_adapters())
+                 for key, tensor in get_peft_model_state_dict(transformer, adapter_name=name).items()}
+        self._fused_loras = getattr(self, "_fused_loras", "") + "+fused-lora-" + tensors_fingerprint(
+            {**fused, "scale": torch.tensor(float(lora_scale))})[:8]
+
+    def unfuse_lora(self, *args: Any, **kwargs: Any) -> None:
+        super().unfuse_lora(*args, **kwargs)
+        self._fused_loras = ""
+
     def check_subject(self, subject: SubjectEmbedding, fingerprints_only: bool = False) -> None:
         """Refuse an embedding made with another base model or other CustomShift weights, or whose layers
         and shapes are not this model's (``fingerprints_only``: a compact one, before it is expanded)."""
@@ -375,6 +426,9 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
         active = [(s, scale) for s, scale in zip(subjects, scales, strict=True) if scale > 0]
         if not active:
             return super().__call__(**call)
+        if call["ip_adapter_image"] is not None or call["ip_adapter_image_embeds"] is not None:
+            raise PromptError("IP-Adapter and a CustomShift subject cannot be combined (the IP-Adapter's attention "
+                              "processors replace CADS); pass one or the other")
         self.ensure_cads_processors()
         per_prompt = call["num_images_per_prompt"] or 1
         positive = [p for p in prompts for _ in range(per_prompt)]
@@ -472,9 +526,6 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, StableDiffusion3Pipeline):
                                        device, c.generator, c.latents)
         timesteps, steps = self._timesteps(latents, c.num_inference_steps, c.sigmas, c.mu, device)
         kwargs = dict(c.joint_attention_kwargs or {})
-        if c.ip_adapter_image_embeds is not None or (c.ip_adapter_image is not None and self.is_ip_adapter_active):
-            kwargs["ip_adapter_image_embeds"] = self.prepare_ip_adapter_image_embeds(
-                c.ip_adapter_image, c.ip_adapter_image_embeds, device, rows, self.do_classifier_free_guidance)
         # One state per layout of the batch: [negative without R; negative with R; positive with R] with text
         # guidance, [positive without R; positive with R] without; the skip-layer pass is the positive one.
         off = torch.full((rows,), -math.inf)

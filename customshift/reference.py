@@ -302,7 +302,7 @@ class ReferenceBranch(nn.Module):
     def __init__(self, transformer: nn.Module, config: CustomShiftConfig | None = None) -> None:
         super().__init__()
         self.config = config or CustomShiftConfig()
-        tree = _structural_copy(transformer)
+        tree = _structural_copy(getattr(transformer, "_orig_mod", transformer))  # the module under torch.compile
         if self.config.reference_positions == "offset":
             tree.pos_embed.cropped_pos_embed = types.MethodType(_corner_pos_embed, tree.pos_embed)
         names = install_processors(tree)
