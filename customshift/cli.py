@@ -53,6 +53,15 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 evaluate_app = typer.Typer(no_args_is_help=True, help="Score a model on a benchmark.")
 app.add_typer(evaluate_app, name="evaluate")
 
+
+@app.callback()
+def _console(verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Also show the libraries' own warnings, logs and loading bars.")] = False) -> None:
+    # No docstring: it would replace the app's help. customshift/console.py says what is quieted and why.
+    from .console import configure_console
+
+    configure_console(verbose)
+
 ModelOpt = Annotated[
     str | None, typer.Option("--model", help="SD3 pipeline folder or hub id (default: the packaged default model).")
 ]
@@ -147,6 +156,12 @@ def generate(
         from .default_model import DEFAULT_MODEL_GUIDANCE
 
         guidance_scale = 7.0 if model else DEFAULT_MODEL_GUIDANCE
+    if model is None:
+        from .default_model import domain_note
+
+        note = domain_note([j.subject for j in jobs], [j.prompt for j in jobs])
+        if note:
+            typer.secho(note, err=True, fg=typer.colors.YELLOW)
     params = GenerationParams(
         steps=steps, guidance_scale=guidance_scale, reference_guidance_scale=reference_guidance_scale,
         shift_scale=shift_scale, height=height, width=width, negative_prompt=negative_prompt,

@@ -330,6 +330,9 @@ class CustomShiftLoaderMixin:
 
         ``load_customshift=False`` skips them (training-free).
         """
+        from .console import quiet_loading_bars
+
+        quiet_loading_bars()  # the CLI's quiet mode (customshift/console.py); a no-op otherwise
         bundled = kwargs.pop("load_customshift", True)
         hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         skip = _LOADING.set(True)  # register_to_config below must not load them a second time
