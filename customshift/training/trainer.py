@@ -131,6 +131,9 @@ class Trainer:
         self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=self.optimizer,
                                           num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
         self.model, self.optimizer = acc.prepare(self.objective, self.optimizer)
+        # FSDP2 replaces parameters by sharded ones: clipping, EMA and exports must use what the model now holds.
+        prepared = dict(acc.unwrap_model(self.model).named_parameters())
+        self.trainable = {n: prepared.get(n, p) for n, p in self.trainable.items()}
         self.ema = TrainedEMA(self.trainable, t.ema_decay) if t.ema_decay > 0 else None
         self.batches = BatchBuilder(self.pipe, config, self.resolution, self.device)
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + 7919 * self.rank + 1)
