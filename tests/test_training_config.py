@@ -145,3 +145,15 @@ def test_resume_with_a_changed_adapter_shape_names_the_key(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: --resume: model.customshift.lora_rank is 2 here but 4 in ")
     assert (run / "latest").read_text().strip() == "ckpt-0000002" and not (run / "ckpt-0000003").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--resume", "/no/such/run"], "error: no complete checkpoint at /no/such/run"),  # --resume PATH, no config
+    (["--resume"], "error: give a config file, or --resume RUN_FOLDER"),  # bare --resume needs a config
+    ([str(SMOKE), "--set", "train.max_steps=0", "train.log_every=1"], "error: train.max_steps must be >= 1"),
+])
+def test_train_resume_takes_an_optional_folder_and_set_several_overrides(args, message):
+    """``--resume`` bare or with a folder; ``--set a=1 b=2`` as the argparse entry point took it."""
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(message) and len(result.output.strip().splitlines()) == 1, result.output
