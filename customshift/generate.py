@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .batching import ProcessShare, generate_batch, group_batches, shard
 from .checks import MAX_SEED, describe_missing
 from .errors import CustomShiftError, ManifestError
 
@@ -197,10 +198,15 @@ def run_jobs(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    batch_size: int = 1,
+    share: ProcessShare | None = None,
 ) -> dict[str, int]:
     """Make every job's image and sidecar; returns counts of generated and kept (already done) images.
 
-    The subject embedding is computed once per distinct (references, subject) and reused.
+    The subject embedding is computed once per distinct (references, subject) and reused; up to
+    ``batch_size`` jobs of one subject go through one pipeline call, with the same files as one at a time
+    (customshift/batching.py). Under ``accelerate launch`` each process makes its share of the jobs still
+    to do (``share``: default, accelerate's process index and count).
     """
     from tqdm.auto import tqdm
 
@@ -221,18 +227,22 @@ def run_jobs(
     pipe.set_progress_bar_config(leave=False, position=1, disable=not progress)
     source = getattr(pipe, "_customshift_source", {})
     reference_dtype = parse_dtype(params.reference_dtype, "--reference-dtype")
-    bar = tqdm(todo, desc="images", unit="img", disable=not progress)
-    for job in bar:
-        key = (tuple(job.references), job.subject)
+    share = share or ProcessShare()
+    share.wait()  # every process has listed the folder before anyone writes: the shares do not overlap
+    mine = shard(todo, share.index, share.count)
+    bar = tqdm(total=len(mine), desc="images" if share.count == 1 else f"images [{share.index + 1}/{share.count}]",
+               unit="img", disable=not progress)
+    # Jobs of one subject share a batch (the pipeline takes one subject per call); same files at any size.
+    for batch in group_batches(mine, lambda j: (tuple(j.references), j.subject), batch_size):
+        key = (tuple(batch[0].references), batch[0].subject)
         if key not in subjects:
-            if len(job.references) == 1 and job.references[0].endswith(".safetensors"):
-                subjects[key] = SubjectEmbedding.load(job.references[0]).to(pipe.device, reference_dtype)
+            if len(key[0]) == 1 and key[0][0].endswith(".safetensors"):
+                subjects[key] = SubjectEmbedding.load(key[0][0]).to(pipe.device, reference_dtype)
             else:
-                subjects[key] = pipe.encode_subject(job.references, job.subject, params.height, params.width,
+                subjects[key] = pipe.encode_subject(list(key[0]), key[1], params.height, params.width,
                                                     dtype=reference_dtype)
-        image = pipe(
-            prompt=job.prompt,
-            subject=subjects[key],
+        images = generate_batch(
+            pipe, subjects[key], [j.prompt for j in batch], [j.seed for j in batch],
             negative_prompt=params.negative_prompt,
             num_inference_steps=params.steps,
             guidance_scale=params.guidance_scale,
@@ -240,29 +250,30 @@ def run_jobs(
             shift_scale=params.shift_scale,
             height=params.height,
             width=params.width,
-            generator=torch.Generator("cpu").manual_seed(job.seed),
-        ).images[0]
-        atomic_save_image(image, out_dir / f"{job.id}.png")
-        sidecar = {
-            "id": job.id,
-            "prompt": job.prompt,
-            "subject": job.subject,
-            "references": [{"path": r, "sha256": file_sha256(r)} for r in job.references],
-            "seed": job.seed,
-            **asdict(params),
-            "height": image.height,
-            "width": image.width,
-            "model": source.get("model"),
-            "weights": source.get("weights"),
-            "base_fingerprint": pipe.base_fingerprint,
-            "weights_fingerprint": pipe.weights_fingerprint,
-            "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
-            "device": str(pipe.device),
-            "versions": _versions(__version__),
-            "command": _reproduce_command(job, params, source),
-        }
-        atomic_write_json(out_dir / f"{job.id}.json", sidecar)
-    return {"generated": len(todo), "kept": len(jobs) - len(todo)}
+        )
+        for job, image in zip(batch, images, strict=True):
+            atomic_save_image(image, out_dir / f"{job.id}.png")
+            sidecar = {
+                "id": job.id,
+                "prompt": job.prompt,
+                "subject": job.subject,
+                "references": [{"path": r, "sha256": file_sha256(r)} for r in job.references],
+                "seed": job.seed,
+                **asdict(params),
+                "height": image.height,
+                "width": image.width,
+                "model": source.get("model"),
+                "weights": source.get("weights"),
+                "base_fingerprint": pipe.base_fingerprint,
+                "weights_fingerprint": pipe.weights_fingerprint,
+                "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+                "device": str(pipe.device),
+                "versions": _versions(__version__),
+                "command": _reproduce_command(job, params, source),
+            }
+            atomic_write_json(out_dir / f"{job.id}.json", sidecar)
+        bar.update(len(batch))
+    return {"generated": len(mine), "kept": len(jobs) - len(todo)}
 
 
 def _versions(customshift_version: str) -> dict[str, str]:

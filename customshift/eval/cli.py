@@ -50,8 +50,10 @@ def register_cli(app: typer.Typer, evaluate_app: typer.Typer, user_errors) -> No
             skip_metrics: Annotated[bool, typer.Option("--skip-metrics")] = False,
             method_name: Annotated[str, typer.Option("--method-name")] = "CustomShift",
             grids: Annotated[bool, typer.Option("--grids/--no-grids")] = True,
+            batch_size: Annotated[int, typer.Option("--batch-size", min=1, help=(
+                "Images of one subject per pipeline call; the same images as one at a time."))] = 1,
         ) -> None:
-            kwargs = dict(model=model, weights=weights, images_per_prompt=images_per_prompt,
+            kwargs = dict(batch_size=batch_size, model=model, weights=weights, images_per_prompt=images_per_prompt,
                           reference_policy=reference_policy, subjects=subjects, prompts=prompts, steps=steps,
                           height=height, width=width, seed=seed, shift_scale=shift_scale,
                           guidance_scale=guidance_scale, reference_guidance_scale=reference_guidance_scale,

@@ -178,6 +178,7 @@ def run_dreambench(
     pipeline: Any = None,
     process_index: int | None = None,
     num_processes: int | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any] | None:
     """Run the DreamBench protocol: generate (resumable, sharded), score, report into ``out_dir``.
 
@@ -198,6 +199,6 @@ def run_dreambench(
         images_per_prompt=images_per_prompt, reference_policy=reference_policy, dino_model=dino_model,
         clip_model=clip_model, overwrite=overwrite, device=device, plan_only=plan_only, skip_metrics=skip_metrics,
         method_name=method_name, grids=grids, generator=generator, pipeline=pipeline,
-        process_index=process_index, num_processes=num_processes, show_progress=show_progress,
+        process_index=process_index, num_processes=num_processes, show_progress=show_progress, batch_size=batch_size,
         extra={"data": str(Path(data_dir).resolve())},
     )

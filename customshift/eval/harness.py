@@ -229,14 +229,17 @@ class PipelineGenerator:
                                         width=self.settings.width)
 
     def generate(self, subject: Any, prompt: str, seed: int) -> Image.Image:
+        return self.generate_batch(subject, [prompt], [seed])[0]
+
+    def generate_batch(self, subject: Any, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        """One pipeline call for several prompts of one subject, the same images as one call each
+        (customshift/batching.py; CPU generators: the initial noise is the same on every device)."""
+        from customshift.batching import generate_batch
+
         s = self.settings
-        # A CPU generator: the initial noise is the same on every device and GPU model.
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        out = self.pipe(prompt=prompt, subject=subject, num_inference_steps=s.steps,
-                        guidance_scale=s.guidance_scale, reference_guidance_scale=s.reference_guidance_scale,
-                        shift_scale=s.shift_scale, height=s.height, width=s.width, generator=generator,
-                        num_images_per_prompt=1)
-        return out.images[0]
+        return generate_batch(self.pipe, subject, prompts, seeds, num_inference_steps=s.steps,
+                              guidance_scale=s.guidance_scale, reference_guidance_scale=s.reference_guidance_scale,
+                              shift_scale=s.shift_scale, height=s.height, width=s.width)
 
 
 def _is_done(path: Path) -> bool:
@@ -267,13 +270,18 @@ def pending_items(items: Sequence[WorkItem], images_root: str | Path, overwrite:
 
 def run_generation(items: Sequence[WorkItem], images_root: str | Path,
                    generator_factory: Callable[[], SubjectGenerator], *, overwrite: bool = False,
-                   process_index: int = 0, num_processes: int = 1, show_progress: bool = True) -> GenerationStats:
+                   process_index: int = 0, num_processes: int = 1, show_progress: bool = True,
+                   batch_size: int = 1) -> GenerationStats:
     """Make this process's share of ``items`` (every ``num_processes``-th from ``process_index``).
 
     Images already present are skipped unless ``overwrite``; the generator is only built when there is
-    something to make; each subject is encoded once (items are subject-major).
+    something to make; each subject is encoded once (items are subject-major). Up to ``batch_size``
+    images of one subject go through one call when the generator has ``generate_batch`` (the same images
+    as one at a time, customshift/batching.py).
     """
     from tqdm.auto import tqdm
+
+    from customshift.batching import group_batches
 
     images_root = Path(images_root)
     mine = list(items)[process_index::num_processes]
@@ -286,15 +294,23 @@ def run_generation(items: Sequence[WorkItem], images_root: str | Path,
     key: tuple | None = None
     encoded: Any = None
     start = time.perf_counter()
-    for it in tqdm(todo, desc=f"generating [{process_index + 1}/{num_processes}]", disable=not show_progress):
+    batched = getattr(generator, "generate_batch", None)
+    bar = tqdm(total=len(todo), desc=f"generating [{process_index + 1}/{num_processes}]", disable=not show_progress)
+    for batch in group_batches(todo, lambda it: (it.references, it.subject_name), batch_size if batched else 1):
+        it = batch[0]
         if (it.references, it.subject_name) != key:
             encoded = None  # drop the previous subject's embedding before making the next
             encoded = generator.encode([load_image(p) for p in it.references], it.subject_name)
             key = (it.references, it.subject_name)
             stats.subjects_encoded += 1
-        img = generator.generate(encoded, it.prompt, it.seed)
-        rep.atomic_save_image(img.convert("RGB"), images_root / it.image)
-        stats.generated += 1
+        if batched is not None and len(batch) > 1:
+            images = batched(encoded, [it.prompt for it in batch], [it.seed for it in batch])
+        else:
+            images = [generator.generate(encoded, it.prompt, it.seed)]
+        for it, img in zip(batch, images, strict=True):
+            rep.atomic_save_image(img.convert("RGB"), images_root / it.image)
+            stats.generated += 1
+        bar.update(len(batch))
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -538,7 +554,8 @@ def run_benchmark(*, benchmark: str, benchmark_title: str, subjects: Sequence[Be
                   skip_metrics: bool = False, method_name: str = "CustomShift", grids: bool = True,
                   generator: SubjectGenerator | None = None, pipeline: Any = None,
                   process_index: int | None = None, num_processes: int | None = None,
-                  show_progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                  show_progress: bool = True, extra: dict[str, Any] | None = None,
+                  batch_size: int = 1) -> dict[str, Any] | None:
     """Plan, generate (resumable, sharded), score and report one benchmark run.
 
     Returns the summary on the main process (None on the others). With ``plan_only`` it only writes
@@ -578,7 +595,7 @@ def run_benchmark(*, benchmark: str, benchmark_title: str, subjects: Sequence[Be
     pending = pending_items(items, images_root, overwrite)
     dist.wait()
     stats = run_generation(pending, images_root, factory, overwrite=overwrite, process_index=dist.index,
-                           num_processes=dist.count, show_progress=show_progress)
+                           num_processes=dist.count, show_progress=show_progress, batch_size=batch_size)
     logger.info("process %d/%d: %d images made, %d of the run's %d were already there", dist.index + 1, dist.count,
                 stats.generated, len(items) - len(pending), len(items))
     dist.wait()
