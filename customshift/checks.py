@@ -192,7 +192,7 @@ def check_texts(prompts: Sequence[str], subject: str | None) -> None:
         raise CustomShiftError("the subject name is empty; give --subject as the prompt says it")
     for number, prompt in enumerate(prompts, start=1):
         if not prompt.strip():
-            raise CustomShiftError(f"prompt {number} is empty; write what the image should show")
+            raise CustomShiftError(f"the prompt is empty (--prompt number {number}); write what the image should show")
 
 
 def safe_file_name(name: str) -> str:

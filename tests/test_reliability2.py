@@ -103,7 +103,7 @@ def test_batch_row_seeds_are_checked_with_the_line_number_before_anything_is_gen
 def test_a_blank_second_prompt_is_refused_before_the_first_image(tiny_folder, ref_path, tmp_path, no_model_load):
     out = tmp_path / "out"
     args = generate_args(tiny_folder, out, ref_path, "--prompt", " ")
-    assert_one_error_line(run_cli(*args), "prompt 2 is empty")
+    assert_one_error_line(run_cli(*args), "the prompt is empty (--prompt number 2)")
     assert not out.exists()
 
 
