@@ -326,3 +326,22 @@ def test_prompt_cache_gives_the_same_batch_and_skips_the_text_encoders(tiny_pipe
         assert len(calls) == 1 and sorted(calls[0]) == sorted(set(batch["prompts"]))
     else:  # smaller than a batch: still right, by encoding the batch again
         assert len(cached._prompt_cache) <= size and len(calls) >= 2
+
+
+def test_validation_writes_a_grid_and_metrics_through_the_trackers(tiny_pipe, tmp_path):
+    import csv
+    import importlib.util
+
+    trainer = make_trainer(tiny_pipe, tmp_path, "train.max_steps=2", "validation.every_steps=2",
+                           "validation.num_pairs=2", "validation.num_inference_steps=2", "checkpoint.every_steps=0",
+                           "train.log_every=1", "train.ema_decay=0.5")
+    trainer.train()
+    run = tmp_path / "run"
+    assert (run / "validation" / "step-0000002.png").is_file()
+    rows = list(csv.DictReader((run / "validation.csv").open()))
+    assert [r["step"] for r in rows] == ["2"] and 0 <= float(rows[0]["identity"]) <= 1
+    assert "identity_wrong_reference" in rows[0]
+    assert [r["step"] for r in csv.DictReader((run / "train_log.csv").open())] == ["1", "2"]
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="train.report_to asks for tensorboard, which is not installed"):
+            make_trainer(tiny_pipe, tmp_path / "tb", "train.report_to=[tensorboard]")

@@ -95,6 +95,12 @@ def choose_trackers(report_to: str | list[str], output_dir: Path, run_name: str)
             wanted.append("wandb")
     else:
         wanted = list(dict.fromkeys(["csv", *report_to]))
+        modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+        for name in wanted[1:]:
+            if not any(importlib.util.find_spec(m) is not None for m in modules[name]):
+                from .config import ConfigError
+
+                raise ConfigError(f"train.report_to asks for {name}, which is not installed (pip install {name})")
     trackers: list[Any] = []
     for name in wanted:
         if name == "csv":
