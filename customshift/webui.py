@@ -887,7 +887,10 @@ def serve(
     if block:  # the command line: this process serves one app, whose folders go when it stops (SIGTERM too)
         from .webui_uploads import cleanup_on_exit
 
-        uploads = tempfile.mkdtemp(prefix="customshift-webui-uploads-", dir=os.environ.get("GRADIO_TEMP_DIR"))
+        parent = os.environ.get("GRADIO_TEMP_DIR") or None
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        uploads = tempfile.mkdtemp(prefix="customshift-webui-uploads-", dir=parent)
         os.environ["GRADIO_TEMP_DIR"] = uploads  # a private upload folder, not the machine's shared /tmp/gradio
     pipe, notice, name = load_pipeline(model, weights, device=device, dtype=dtype)
     demo = create_app(
