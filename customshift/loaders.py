@@ -45,6 +45,10 @@ TRAINING_FREE = "training-free"  # the weights fingerprint of a pristine branch 
 # `DiffusionPipeline.from_pretrained(folder, custom_pipeline=PIPELINE_SHIM[:-3], trust_remote_code=True)`
 # finds the class through this file (diffusers' custom-pipeline route); it only imports ours.
 PIPELINE_SHIM = "customshift_pipeline.py"
+PIPELINE_SHIM_SOURCE = (
+    '"""Lets DiffusionPipeline.from_pretrained find CustomShiftPipeline (the custom_pipeline route)."""\n'
+    "from customshift.pipeline import CustomShiftPipeline  # noqa: F401\n"
+)
 _MAX_MANIFEST_BYTES = 1 << 20
 _LOADING: ContextVar[bool] = ContextVar("customshift_from_pretrained", default=False)
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
@@ -305,9 +309,7 @@ class CustomShiftLoaderMixin:
         folder = Path(save_directory)
         self.save_customshift(folder / WEIGHTS_SUBFOLDER)
         (folder / "README.md").write_text(model_card(self), encoding="utf-8")
-        (folder / PIPELINE_SHIM).write_text(
-            '"""Lets DiffusionPipeline.from_pretrained find CustomShiftPipeline (the custom_pipeline route)."""\n'
-            "from customshift.pipeline import CustomShiftPipeline  # noqa: F401\n", encoding="utf-8")
+        (folder / PIPELINE_SHIM).write_text(PIPELINE_SHIM_SOURCE, encoding="utf-8")
         if push_to_hub:
             repo_id = create_repo(hub.get("repo_id", folder.name), exist_ok=True, private=hub.get("private"),
                                   token=hub.get("token")).repo_id

@@ -168,6 +168,16 @@ def test_diffusion_pipeline_from_pretrained_through_the_custom_pipeline_route(tr
     assert pipe.weights_fingerprint == trained.weights_fingerprint
 
 
+def test_the_default_model_through_diffusion_pipeline_is_trained():
+    from diffusers import DiffusionPipeline
+
+    from customshift.default_model import default_model_path
+
+    pipe = DiffusionPipeline.from_pretrained(default_model_path(), custom_pipeline="customshift_pipeline",
+                                             trust_remote_code=True)
+    assert type(pipe).__name__ == "CustomShiftPipeline" and pipe.weights_fingerprint != TRAINING_FREE
+
+
 def test_from_single_file_with_a_config_folder(tiny_pipe, tmp_path):
     from customshift.pipeline import CustomShiftPipeline
 
