@@ -92,8 +92,9 @@ def check_safetensors_file(path: Path) -> None:
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest at ``path`` with every field checked (format, types, config)."""
     try:
-        if os.path.getsize(path) > _MAX_MANIFEST_BYTES:
-            raise WeightsError(f"{path}: a manifest of {os.path.getsize(path)} bytes is not a CustomShift manifest")
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_MANIFEST_BYTES:
+            raise WeightsError(f"{path}: not a regular file of at most {_MAX_MANIFEST_BYTES} bytes")
         manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WeightsNotFoundError(f"{path.parent}: no {path.name}; not a CustomShift weights folder") from None

@@ -236,6 +236,7 @@ BAD_WEIGHTS = {
     "max_sequence_length text": _config("max_sequence_length", "long"),
     "max_sequence_length too large": _config("max_sequence_length", 100000),
     "config a list": lambda f: _edit_manifest(f, lambda m: m.update(config=[1, 2])),
+    "manifest a FIFO": lambda f: ((f / "customshift.json").unlink(), os.mkfifo(f / "customshift.json")),
     "JSON nested 100000 deep": lambda f: _edit_manifest(f, lambda m: "[" * 100000 + "]" * 100000),
     "a LoRA tensor missing": _drop_lora_tensor,
 }
