@@ -46,10 +46,16 @@ def describe_missing(path: str | os.PathLike[str]) -> str | None:
 
 
 def check_reference(path: str | os.PathLike[str]) -> None:
-    """A reference the CLI can read: a regular file, with a message that says what it is otherwise."""
+    """A reference the CLI can read: a regular file, with a message that says what it is otherwise, and
+    an image the project's loader decodes (a few references, decoded once more before the model loads, so
+    that a bad one is refused before any output folder exists)."""
     problem = describe_missing(path)
     if problem is not None:
         raise CustomShiftError(f"reference {problem}")
+    if Path(path).suffix.lower() != ".safetensors":  # embeddings are checked by their own loader
+        from .images import load_image
+
+        load_image(path)
 
 
 def check_out_folder(out: str | os.PathLike[str], option: str = "--out") -> None:

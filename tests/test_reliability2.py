@@ -167,6 +167,15 @@ def test_reference_that_is_a_symlink_loop_or_a_directory_says_what_it_is(tiny_fo
     assert not out.exists()
 
 
+def test_a_reference_that_is_not_an_image_is_refused_before_the_model_loads(tiny_folder, tmp_path, no_model_load):
+    out = tmp_path / "out"
+    for name, data, expected in (("empty.png", b"", "empty"), ("text.png", b"hello", "not")):
+        ref = tmp_path / name
+        ref.write_bytes(data)
+        assert_one_error_line(run_cli(*generate_args(tiny_folder, out, ref)), name, expected)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------- 1. outputs stay inside --out
 def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):
     from customshift.eval.report import write_csv
