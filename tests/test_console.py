@@ -35,3 +35,12 @@ def test_first_contact_prints_our_own_lines_only(tmp_path):
                   "WARNING", "Warning"):
         assert noise not in result.stderr + result.stdout, noise
     assert list((tmp_path / "out").glob("*.png"))
+
+
+def test_verbose_is_a_global_option_and_encode_offers_compact():
+    from typer.testing import CliRunner
+
+    from customshift.cli import app
+
+    result = CliRunner().invoke(app, ["--verbose", "encode", "--help"])
+    assert result.exit_code == 0 and "--compact" in result.output
