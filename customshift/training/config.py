@@ -359,8 +359,6 @@ class TrainingConfig(Section):
                 and cs.generation_lora_rank == 0:
             raise ConfigError("nothing to train: lora_rank, generation_lora_rank are 0 and learn_shift is false")
 
-    validate = validate_combination  # the name callers used before the schema moved to pydantic
-
 
 # A section removed from the schema that configs saved beside older checkpoints still hold (at its defaults).
 _LEGACY_DEFAULTS = {"debug": {"inject_nan_at_step": None, "checkpoint_sleep": 0.0, "detect_anomaly": False}}
