@@ -110,10 +110,13 @@ def generate(
         list[str] | None,
         typer.Option("--reference", help="Reference image (repeatable), or a .safetensors subject embedding."),
     ] = None,
-    subject: Annotated[str | None, typer.Option("--subject", help="The subject's name as the prompt says it.")] = None,
+    subject: Annotated[list[str] | None, typer.Option("--subject", help=(
+        "The subject's name as the prompt says it. Repeat it for several subjects in one image, one --reference "
+        "each, in order: --reference a.png --subject robot --reference b.png --subject tree."))] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt (repeatable).")] = None,
     batch: Annotated[
-        Path | None, typer.Option("--batch", help="JSONL manifest: id, reference, subject, prompt.")
+        Path | None, typer.Option("--batch", help="JSONL manifest: id, reference, subject, prompt (or subjects: "
+                                  "[{reference, subject}, ...] for several subjects).")
     ] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
@@ -139,7 +142,15 @@ def generate(
     Under ``accelerate launch`` (or ``torchrun``) each process makes its share of the images.
     """
     from .checks import check_reference, check_sizes, check_texts, pipeline_geometry
-    from .generate import GenerationParams, load_pipeline, parse_dtype, read_manifest, run_jobs, single_jobs
+    from .generate import (
+        GenerationParams,
+        load_pipeline,
+        pair_subjects,
+        parse_dtype,
+        read_manifest,
+        run_jobs,
+        single_jobs,
+    )
 
     parse_dtype(reference_dtype, "--reference-dtype")  # fail before anything loads
     parse_dtype(dtype)
@@ -155,8 +166,10 @@ def generate(
             raise CustomShiftError("give --reference, --subject and --prompt (or --batch manifest.jsonl)")
         for ref in reference:
             check_reference(ref)
-        check_texts(prompt, subject)
-        jobs = single_jobs([str(Path(r).resolve()) for r in reference], subject, prompt, seed, num_images)
+        for name in subject:
+            check_texts(prompt, name)
+        specs = pair_subjects([str(Path(r).resolve()) for r in reference], subject)
+        jobs = single_jobs(specs[0][0], specs[0][1], prompt, seed, num_images, others=specs[1:])
     if guidance_scale is None:
         from .default_model import DEFAULT_MODEL_GUIDANCE
 
@@ -238,20 +251,25 @@ def demo(
         help="Text guidance (default: 2 on the default model, 1 with --model).")] = None,
     layout: Annotated[str, typer.Option("--layout", help="random (the spec), same_size or same_layout; "
                                         "other than random, the file is demo-LAYOUT.png.")] = "random",
+    track: Annotated[str, typer.Option("--track", help="An evaluate-synthetic track, e.g. two-subject or "
+                                       "distractor-free; other than clean, the file is demo-TRACK.png.")] = "clean",
     device: DeviceOpt = None,
 ) -> None:
-    """Write a grid of held-out synthetic subjects: reference | generated | exact target."""
+    """Write a grid of held-out synthetic subjects: reference(s) | generated | exact target."""
     from .default_model import DEFAULT_MODEL_GUIDANCE
-    from .eval.synthetic_eval import demo_grid
+    from .eval.synthetic_eval import TRACKS, demo_grid
     from .generate import load_pipeline
     from .synthetic import LAYOUTS
 
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if track not in TRACKS:
+        raise typer.BadParameter(f"--track must be one of {', '.join(TRACKS)}, got {track!r}")
     if guidance_scale is None:
         guidance_scale = DEFAULT_MODEL_GUIDANCE if model is None else 1.0
     pipe = load_pipeline(model, weights, device, "auto")
-    path = demo_grid(pipe, out, n=n, steps=steps, seed=seed, guidance_scale=guidance_scale, layout=layout)
+    path = demo_grid(pipe, out, n=n, steps=steps, seed=seed, guidance_scale=guidance_scale, layout=layout,
+                     track=track)
     typer.echo(f"wrote {path}")
 
 

@@ -40,7 +40,11 @@ class GenerationParams:
 
 @dataclass
 class Job:
-    """One image to make: ``out/<id>.png`` from references + subject + prompt with a seed."""
+    """One image to make: ``out/<id>.png`` from references + subject + prompt with a seed.
+
+    ``others`` are further subjects of the same image, each ``(references, name)``; the pipeline then gets
+    ``subject=[first, *others]`` (several subjects, each through CADS with its own name's relevance).
+    """
 
     id: str
     references: list[str]
@@ -49,6 +53,12 @@ class Job:
     seed: int
     source: str = ""  # where the job came from (manifest line), for error messages
     extra: dict[str, Any] = field(default_factory=dict)
+    others: list[tuple[list[str], str]] = field(default_factory=list)
+
+    @property
+    def subject_keys(self) -> tuple[tuple[tuple[str, ...], str], ...]:
+        """Every subject of the image as ``(references, name)``, the first one first."""
+        return ((tuple(self.references), self.subject), *((tuple(r), name) for r, name in self.others))
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -56,22 +66,43 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def single_jobs(
-    references: Sequence[str], subject: str, prompts: Sequence[str], seed: int, num_images: int
+    references: Sequence[str], subject: str, prompts: Sequence[str], seed: int, num_images: int,
+    others: Sequence[tuple[list[str], str]] = (),
 ) -> list[Job]:
     """Jobs of ``customshift generate --prompt ...``: image k of prompt i gets seed ``seed + k``."""
     jobs = []
     for i, prompt in enumerate(prompts):
         for k in range(num_images):
-            jobs.append(Job(f"{i:02d}-{slug(prompt)}-seed{seed + k}", list(references), subject, prompt, seed + k))
+            jobs.append(Job(f"{i:02d}-{slug(prompt)}-seed{seed + k}", list(references), subject, prompt, seed + k,
+                            others=[(list(r), name) for r, name in others]))
     return jobs
+
+
+def pair_subjects(references: Sequence[str], subjects: Sequence[str]) -> list[tuple[list[str], str]]:
+    """``--reference``/``--subject`` as ``(references, name)`` per subject.
+
+    One ``--subject``: every reference is an image of it. Several: as many references as subjects, the k-th
+    ``--reference`` for the k-th ``--subject`` (``--reference a.png --subject robot --reference b.png
+    --subject tree``).
+    """
+    if len(subjects) == 1:
+        return [(list(references), subjects[0])]
+    if len(references) != len(subjects):
+        raise CustomShiftError(f"{len(subjects)} --subject options need one --reference each (the k-th reference is "
+                               f"the k-th subject's), got {len(references)} references")
+    lowered = [name.strip().lower() for name in subjects]
+    if len(set(lowered)) != len(lowered):
+        raise CustomShiftError(f"the subjects must have different names, got {', '.join(subjects)}")
+    return [([ref], name) for ref, name in zip(references, subjects, strict=True)]
 
 
 def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
     """Jobs of a JSONL batch manifest; each line has ``id``, ``reference``, ``subject``, ``prompt``.
 
     ``reference`` (a path or a list of paths) is relative to the manifest's folder; other fields are
-    ignored (an optional ``seed`` is honoured). Every problem is reported with its line number before
-    anything is generated.
+    ignored (an optional ``seed`` is honoured). Several subjects in one image: ``subjects``, a list of
+    ``{"reference": ..., "subject": ...}`` objects, in place of ``reference`` and ``subject``. Every problem
+    is reported with its line number before anything is generated.
     """
     path = Path(path)
     try:
@@ -91,6 +122,12 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
         if not isinstance(row, dict):
             problems.append(f"{where}: expected a JSON object")
             continue
+        entries = _subject_entries(row)
+        if isinstance(entries, str):
+            problems.append(f"{where}: {entries}")
+            continue
+        if entries:
+            row = {**row, "reference": entries[0]["reference"], "subject": entries[0]["subject"]}
         missing = [key for key in ("id", "reference", "subject", "prompt") if key not in row]
         if missing:
             problems.append(f"{where}: missing {', '.join(missing)}")
@@ -110,6 +147,22 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
         if not all(isinstance(row[key], str) and row[key].strip() for key in ("subject", "prompt")):
             problems.append(f"{where}: subject and prompt must be non-empty strings")
             continue
+        others, bad = [], None
+        for entry in entries[1:]:
+            more = entry["reference"] if isinstance(entry["reference"], list) else [entry["reference"]]
+            if not more or not all(isinstance(r, str) and r for r in more):
+                bad = "reference must be a path or a list of paths"
+            elif not isinstance(entry["subject"], str) or not entry["subject"].strip():
+                bad = "subject and prompt must be non-empty strings"
+            else:
+                refs_missing = [p for p in (describe_missing(path.parent / r) for r in more) if p]
+                bad = f"reference {refs_missing[0]}" if refs_missing else None
+            if bad:
+                break
+            others.append(([str((path.parent / r).resolve()) for r in more], entry["subject"].strip()))
+        if bad:
+            problems.append(f"{where}: {bad}")
+            continue
         absent = [p for p in (describe_missing(path.parent / r) for r in refs) if p]
         if absent:
             problems.append(f"{where}: reference {absent[0]}")
@@ -119,13 +172,29 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
         if isinstance(row_seed, bool) or not isinstance(row_seed, int) or not 0 <= row_seed < MAX_SEED:
             problems.append(f"{where}: seed must be an integer in [0, 2^64), got {row_seed!r}")
             continue
-        jobs.append(Job(job_id, resolved, row["subject"].strip(), row["prompt"], row_seed, source=where))
+        jobs.append(Job(job_id, resolved, row["subject"].strip(), row["prompt"], row_seed, source=where, others=others))
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise ManifestError(f"manifest has {len(problems)} bad row(s): {shown}")
     if not jobs:
         raise ManifestError(f"manifest {path} has no rows")
     return jobs
+
+
+def _subject_entries(row: dict[str, Any]) -> list[dict[str, Any]] | str:
+    """A row's ``subjects`` list (checked), [] when the row uses ``reference``/``subject``, or a problem."""
+    if "subjects" not in row:
+        return []
+    entries = row["subjects"]
+    if "reference" in row or "subject" in row:
+        return "give either subjects or reference and subject, not both"
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) and {"reference", "subject"} <= set(e) for e in entries):
+        return 'subjects must be a non-empty list of {"reference": ..., "subject": ...} objects'
+    names = [str(e["subject"]).strip().lower() for e in entries]
+    if len(set(names)) != len(names):
+        return "the subjects of one image must have different names"
+    return entries
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -175,15 +244,15 @@ def load_embeddings(pipe: Any, jobs: Sequence[Job], reference_dtype: torch.dtype
     from .reference import SubjectEmbedding
 
     subjects: dict[tuple[tuple[str, ...], str], Any] = {}
-    for job in jobs:
-        key = (tuple(job.references), job.subject)
-        if key in subjects or len(job.references) != 1 or not job.references[0].endswith(".safetensors"):
+    for key in dict.fromkeys(key for job in jobs for key in job.subject_keys):
+        references, name = key
+        if len(references) != 1 or not references[0].endswith(".safetensors"):
             continue
-        embedding = SubjectEmbedding.load(job.references[0], pipeline=pipe)
-        if embedding.subject != job.subject:
+        embedding = SubjectEmbedding.load(references[0], pipeline=pipe)
+        if embedding.subject != name:
             raise SubjectEmbeddingError(
-                f"{job.references[0]} is an embedding of {embedding.subject!r}, not {job.subject!r}: pass "
-                f"--subject {embedding.subject!r}, or encode the reference again for {job.subject!r}"
+                f"{references[0]} is an embedding of {embedding.subject!r}, not {name!r}: pass "
+                f"--subject {embedding.subject!r}, or encode the reference again for {name!r}"
             )
         pipe.check_subject(embedding)
         subjects[key] = embedding.to(pipe.device, reference_dtype)
@@ -232,17 +301,20 @@ def run_jobs(
     mine = shard(todo, share.index, share.count)
     bar = tqdm(total=len(mine), desc="images" if share.count == 1 else f"images [{share.index + 1}/{share.count}]",
                unit="img", disable=not progress)
-    # Jobs of one subject share a batch (the pipeline takes one subject per call); same files at any size.
-    for batch in group_batches(mine, lambda j: (tuple(j.references), j.subject), batch_size):
-        key = (tuple(batch[0].references), batch[0].subject)
-        if key not in subjects:
-            if len(key[0]) == 1 and key[0][0].endswith(".safetensors"):
-                subjects[key] = SubjectEmbedding.load(key[0][0]).to(pipe.device, reference_dtype)
-            else:
-                subjects[key] = pipe.encode_subject(list(key[0]), key[1], params.height, params.width,
-                                                    dtype=reference_dtype)
+    # Jobs of the same subject(s) share a batch (the pipeline takes one set of subjects per call); same files
+    # at any size.
+    for batch in group_batches(mine, lambda j: j.subject_keys, batch_size):
+        for key in batch[0].subject_keys:
+            if key not in subjects:
+                if len(key[0]) == 1 and key[0][0].endswith(".safetensors"):
+                    subjects[key] = SubjectEmbedding.load(key[0][0]).to(pipe.device, reference_dtype)
+                else:
+                    subjects[key] = pipe.encode_subject(list(key[0]), key[1], params.height, params.width,
+                                                        dtype=reference_dtype)
+        embeddings = [subjects[key] for key in batch[0].subject_keys]
         images = generate_batch(
-            pipe, subjects[key], [j.prompt for j in batch], [j.seed for j in batch],
+            pipe, embeddings[0] if len(embeddings) == 1 else embeddings, [j.prompt for j in batch],
+            [j.seed for j in batch],
             negative_prompt=params.negative_prompt,
             num_inference_steps=params.steps,
             guidance_scale=params.guidance_scale,
@@ -258,6 +330,8 @@ def run_jobs(
                 "prompt": job.prompt,
                 "subject": job.subject,
                 "references": [{"path": r, "sha256": file_sha256(r)} for r in job.references],
+                **({"subjects": [{"subject": name, "references": [{"path": r, "sha256": file_sha256(r)} for r in refs]}
+                                 for refs, name in job.subject_keys]} if job.others else {}),
                 "seed": job.seed,
                 **asdict(params),
                 "height": image.height,
@@ -288,9 +362,14 @@ def _reproduce_command(job: Job, params: GenerationParams, source: dict[str, Any
         parts += ["--model", source["model"]]
     if source.get("weights"):
         parts += ["--weights", source["weights"]]
-    for ref in job.references:
-        parts += ["--reference", ref]
-    parts += ["--subject", job.subject, "--prompt", job.prompt, "--seed", str(job.seed), "--steps", str(params.steps),
+    if job.others:  # several subjects: one --reference per --subject, in order
+        for refs, name in job.subject_keys:
+            parts += ["--reference", refs[0], "--subject", name]
+    else:
+        for ref in job.references:
+            parts += ["--reference", ref]
+        parts += ["--subject", job.subject]
+    parts += ["--prompt", job.prompt, "--seed", str(job.seed), "--steps", str(params.steps),
               "--guidance-scale", str(params.guidance_scale), "--shift-scale", str(params.shift_scale),
               "--reference-guidance-scale", str(params.reference_guidance_scale)]
     if params.height:
