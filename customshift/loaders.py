@@ -280,7 +280,7 @@ class CustomShiftLoaderMixin:
         branch.load_trainable_state_dict(state)
         if config.generation_lora_rank > 0:
             self._load_generation_lora(state, weights_path)
-        branch.to(self.transformer.device)
+        branch.to(self._execution_device)  # transformer.device is meta under sequential offload
         pristine = config.lora_rank == 0 and config.generation_lora_rank == 0 and all(
             torch.equal(state[k].float(), v.float()) for k, v in expected.items())
         self._weights_fingerprint = TRAINING_FREE if pristine else tensors_fingerprint(self.customshift_state_dict())

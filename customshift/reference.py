@@ -189,7 +189,7 @@ class SubjectEmbedding:
         if not self.compact:
             return self
         pipeline.check_subject(self, fingerprints_only=True)
-        device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+        device, dtype = pipeline._execution_device, pipeline.transformer.dtype  # not meta under offload
         with torch.no_grad():
             pipeline.reference_branch.to(device)
             inputs = {n: t.to(device, dtype) for n, t in self.inputs.items()}

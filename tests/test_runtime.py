@@ -298,3 +298,13 @@ def test_torch_compile_keeps_fingerprints_loading_and_the_subject(trained_pipe, 
     assert fresh.weights_fingerprint == trained_pipe.weights_fingerprint
     again = fresh.encode_subject(random_image(0), "dog")
     assert np.abs(generate(fresh, subject=again) - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("w_ref", [0.0, 1.5])
+def test_nothing_reads_transformer_device_which_is_meta_under_sequential_offload(trained_pipe, monkeypatch, w_ref):
+    # What sequential offload does to transformer.device, without accelerate: CADS must use _execution_device.
+    subject = trained_pipe.encode_subject(random_image(0), "dog")
+    expected = generate(trained_pipe, subject=subject, reference_guidance_scale=w_ref)
+    monkeypatch.setattr(type(trained_pipe.transformer), "device", property(lambda self: torch.device("meta")))
+    again = trained_pipe.encode_subject(random_image(0), "dog")
+    assert np.array_equal(generate(trained_pipe, subject=again, reference_guidance_scale=w_ref), expected)
