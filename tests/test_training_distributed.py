@@ -77,7 +77,8 @@ def test_two_processes_export_the_weights_of_one_process_on_the_same_global_batc
 def test_fsdp2_sharded_training_exports_the_full_weights(tmp_path):
     """accelerate's FSDP refuses CPUs ("no available devices"), so torch's FSDP2 shards the trainer's Objective on
     2 gloo processes (tests/helpers/fsdp2_export.py); the export written by the checkpoint code's sharded path
-    equals that of an unsharded copy after the same step, although the pipeline's own parameters are shards."""
+    equals that of an unsharded copy after the same step, although the pipeline's own parameters are shards, and
+    validation (from the gathered state) scores what the unsharded copy scores."""
     from safetensors.torch import load_file
 
     helper = ROOT / "tests" / "helpers" / "fsdp2_export.py"
@@ -93,3 +94,7 @@ def test_fsdp2_sharded_training_exports_the_full_weights(tmp_path):
     assert sharded.keys() == unsharded.keys() and len(sharded) > 10
     for name in sharded:
         torch.testing.assert_close(sharded[name], unsharded[name], rtol=1e-5, atol=1e-7, msg=name)
+    # Validation under FSDP generates from the gathered full state: the metrics of the unsharded model.
+    assert set(info["validation"]) >= {"validation/identity", "validation/psnr"}
+    assert info["validation"] == pytest.approx(info["validation_unsharded"], rel=1e-4)
+    assert (tmp_path / "fsdp" / "validation" / "step-0000001.png").is_file()

@@ -232,6 +232,7 @@ class Checkpointer:
 
                 self._shadow = tr.build_base()
                 setup_model(self._shadow, tr.config)
+                self._shadow.set_progress_bar_config(disable=True)
             pipe = self._shadow
         params = {**{f"transformer.{n}": p for n, p in pipe.transformer.named_parameters()},
                   **{f"branch.{n}": p for n, p in pipe.reference_branch.named_parameters()}}

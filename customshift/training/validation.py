@@ -18,10 +18,12 @@ __all__ = ["Validator"]
 
 
 class Validator:
-    """Generates for fixed groups (reference | target | generated [| wrong reference]) with the trainer's pipeline.
+    """Generates for fixed groups (reference | target | generated [| wrong reference]) on the main process.
 
-    Under FSDP / DeepSpeed the pipeline the trainer holds is sharded, so validation is skipped there with a
-    note (exports still read the full state); DDP and single processes validate on the main process.
+    Single process and DDP: the trainer's own pipeline with the EMA weights swapped in. FSDP / DeepSpeed: the
+    pipeline the trainer holds is sharded, so the full (EMA) state is gathered on every process and the main
+    one generates with the CPU copy the exports use (checkpoint.py, ``Checkpointer._export_pipe``): slow for
+    large models, where ``validation.every_steps: 0`` and an evaluation of the exported checkpoints are better.
     """
 
     def __init__(self, trainer: Any) -> None:
@@ -51,24 +53,27 @@ class Validator:
         """Runs on the main process only; a failure is logged, never fatal to the run."""
         tr = self.trainer
         metrics = None
-        if tr.sharded:
-            logger.info("validation at step %d skipped: the parameters are sharded (FSDP / DeepSpeed)", tr.step)
-        elif tr.is_main:
+        weights = tr.checkpoints.full_state(averaged=tr.ema is not None) if tr.sharded else None  # a collective
+        if tr.is_main:
             try:
-                metrics = self._validate()
+                if weights is None:
+                    with tr.averaged_weights():
+                        metrics = self._validate(tr.pipe)
+                else:
+                    metrics = self._validate(tr.checkpoints._export_pipe(weights))
             except Exception:  # noqa: BLE001 - a broken sample grid must not end hours of training
                 logger.exception("validation at step %d failed; training continues", tr.step)
         tr.accelerator.wait_for_everyone()
         return metrics
 
     @torch.no_grad()
-    def _validate(self) -> dict[str, Any] | None:
+    def _validate(self, pipe: Any) -> dict[str, Any] | None:
         from PIL import Image
 
         from ..synthetic import make_grid, score, wrong_references
 
         tr = self.trainer
-        v, pipe = tr.config.validation, tr.pipe
+        v = tr.config.validation
         groups = self.groups()
         if not groups:
             return None
@@ -79,16 +84,16 @@ class Validator:
         was_training = pipe.transformer.training
         pipe.transformer.eval()
         try:
-            with tr.averaged_weights(), tr.accelerator.autocast():
+            with tr.accelerator.autocast():
                 for k, group in enumerate(groups):
                     target = np.asarray(group.targets[0])
-                    image = self._generate(group.reference if tr.use_reference else None, group.subject,
+                    image = self._generate(pipe, group.reference if tr.use_reference else None, group.subject,
                                            group.prompts[0], v.seed + k, target.shape[:2])
                     generated.append(image)
                     row = [np.asarray(group.reference), target, image] if tr.use_reference else [target, image]
                     if wrong_refs is not None:
-                        other = self._generate(Image.fromarray(wrong_refs[k]), group.subject, group.prompts[0],
-                                               v.seed + k, target.shape[:2])
+                        other = self._generate(pipe, Image.fromarray(wrong_refs[k]), group.subject,
+                                               group.prompts[0], v.seed + k, target.shape[:2])
                         generated_wrong.append(other)
                         row.append(other)
                     rows.append(row)
@@ -110,11 +115,12 @@ class Validator:
             logger.info("validation at step %d: %s", tr.step, metrics)
         return metrics
 
-    def _generate(self, reference: Any, subject_name: str, prompt: str, seed: int, size: tuple[int, int]) -> np.ndarray:
+    def _generate(self, pipe: Any, reference: Any, subject_name: str, prompt: str, seed: int,
+                  size: tuple[int, int]) -> np.ndarray:
         from PIL import Image
 
         tr = self.trainer
-        v, pipe, resolution = tr.config.validation, tr.pipe, tr.resolution
+        v, resolution = tr.config.validation, tr.resolution
         subject = None
         if reference is not None:
             subject = pipe.encode_subject(reference, subject_name, height=resolution, width=resolution)
