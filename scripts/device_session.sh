@@ -9,9 +9,17 @@
 #   bash scripts/device_session.sh train 7 [KEY=VALUE ...]   # stage 5 of the default model for 7 minutes
 #   bash scripts/device_session.sh matrix 300                # the speed matrix (issue 7) within 300 s
 #   bash scripts/device_session.sh both 6 240                # both, training first
-#   bash scripts/device_session.sh distributed               # DDP, FSDP, DeepSpeed ZeRO-2 launches (tiny model)
+#   bash scripts/device_session.sh distributed               # DDP, FSDP, DeepSpeed ZeRO-2/3 launches (tiny model)
 #   bash scripts/device_session.sh realsize 300              # real-size training steps (benchmarks/train_real_size.py)
 #   bash scripts/device_session.sh offload                   # GPU-only: offload keeps the subject (issue 19 item 2)
+#   bash scripts/device_session.sh issue17 570               # issue 17 item 5, one run under 10 minutes (below)
+#   DRY_RUN=1 bash scripts/device_session.sh issue17         # the same python on this CPU, tiny shapes, nothing kept
+#
+# issue17: the speed matrix (SD3-medium at 1024² with 512² and 1024² references, SD3.5-large at 1024² with 512²),
+# peak memory on the GPU / with model offload / with sequential offload (SD3-medium 1024², 512² reference), and
+# the real-size training memory (the training issue's benchmarks/train_real_size.py, one line: the slot below).
+# Results land in $OUT/docs/results/speed/ (copy back with `cp -r FILES/docs .`): issue17-speed-gpu.json,
+# issue17-speed.md (the gpu block of docs/speed.md), offload-memory.json, train-real-size.jsonl, logs.
 #
 # What comes back: $OUT/stage5-gpu.tar.* (the run's final/, train_log.csv and config.yaml, in 15 MB parts:
 # restore here with `cat FILES/stage5-gpu.tar.* | tar -x`, which recreates runs/default/stage5-gpu), and
@@ -54,12 +62,13 @@ matrix() {  # matrix SECONDS
     return $rc
 }
 
-distributed() {  # every GPU launch command of docs/training.md (DDP, FSDP, DeepSpeed ZeRO-2) on the tiny model:
-    # 6 steps with a checkpoint at 4, resumed to 8; the exports must hold full (unsharded), finite tensors.
+distributed() {  # every GPU launch command of docs/training.md (DDP, FSDP, DeepSpeed ZeRO-2/3) on the tiny model:
+    # 6 steps with a checkpoint at 4, resumed to 8, validation at 4, 6 and 8; the exports must hold full (unsharded),
+    # finite tensors and validation.csv a row per validation.
     local n kind run steps rc=0
     n=$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-    for kind in ddp fsdp deepspeed-zero2; do
-        if [[ $kind == deepspeed-zero2 ]] && ! "$PY" -c "import deepspeed" 2>/dev/null; then
+    for kind in ddp fsdp deepspeed-zero2 deepspeed-zero3; do
+        if [[ $kind == deepspeed-* ]] && ! "$PY" -c "import deepspeed" 2>/dev/null; then
             echo "== $kind: SKIPPED (deepspeed is not installed here)" | tee -a "$OUT/distributed.txt" >&2; continue
         fi
         run=/tmp/dist-$kind
@@ -69,7 +78,8 @@ distributed() {  # every GPU launch command of docs/training.md (DDP, FSDP, Deep
             "$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$kind.yaml" --num_processes "$n" \
                 --mixed_precision bf16 -m customshift train configs/tiny-smoke.yaml "${resume[@]}" \
                 --set "output_dir=$run" "train.max_steps=$steps" checkpoint.every_steps=4 train.mixed_precision=bf16 \
-                train.log_every=1 data.num_workers=0 > "$OUT/dist-$kind-$steps.log" 2>&1 || rc=1
+                train.log_every=1 data.num_workers=0 validation.every_steps=4 validation.num_pairs=2 \
+                validation.num_inference_steps=2 > "$OUT/dist-$kind-$steps.log" 2>&1 || rc=1
         done
         "$PY" scripts/distributed_check.py "$run" "$kind" | tee -a "$OUT/distributed.txt" >&2 || rc=1
     done
@@ -92,6 +102,44 @@ realsize() {  # realsize SECONDS: benchmarks/train_real_size.py on SD3-medium an
     cat "$OUT/realsize.jsonl" >&2
 }
 
+issue17() {  # issue17 SECONDS: each part under its own limit, so a short lease keeps the parts already done
+    local budget=${1:-570} start res dry=${DRY_RUN:-0}
+    start=$(date +%s)
+    res=$OUT/docs/results/speed
+    mkdir -p "$res/issue17-logs"
+    left() { echo $(( budget - ($(date +%s) - start) )); }
+    part() {  # part NAME SECONDS COMMAND...: the limit is cut to what is left of the budget
+        local name=$1 limit=$2; shift 2
+        (( limit > $(left) )) && limit=$(left)
+        if (( limit < 20 )); then echo "== $name: SKIPPED (${limit}s left)" >&2; return 1; fi
+        echo "== $name (limit ${limit}s)" >&2
+        timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$res/issue17-logs/$name.log" 2>&1
+        local rc=$?
+        tail -3 "$res/issue17-logs/$name.log" >&2
+        echo "== $name: rc=$rc at $(( $(date +%s) - start ))s" >&2
+        return $rc
+    }
+    if [[ $dry == 1 ]]; then  # CPU, tiny shapes: checks that every python part runs; the results are not kept
+        part speed 200 "$PY" benchmarks/speed.py --size toy --level transformer --device cpu --dtype fp32 --runs 1 \
+            --warmup 0 --steps 2 --no-finetune --out "$res/issue17-speed-dry.json"
+        part offload-memory 200 "$PY" benchmarks/offload_memory.py --dry-run --out "$res/offload-memory-dry.json"
+        part train-real-size 200 "$PY" benchmarks/train_real_size.py --model tiny --dtype fp32 --steps 1 \
+            --json "$res/train-real-size-dry.jsonl"
+        return 0
+    fi
+    # 1. the speed matrix (bf16, random weights): benchmarks/gpu_matrix.sh with MATRIX=issue17
+    part speed-matrix 330 env PYTHON="$PY" BUDGET_S=320 OUT_DIR="$res" MATRIX=issue17 bash benchmarks/gpu_matrix.sh
+    [[ -f $res/speed-gpu.json ]] && mv "$res/speed-gpu.json" "$res/issue17-speed-gpu.json"
+    [[ -f $res/speed.md ]] && mv "$res/speed.md" "$res/issue17-speed.md"
+    # 2. memory: on the GPU, model offload, sequential offload
+    part offload-memory 140 "$PY" benchmarks/offload_memory.py --arch sd3-medium --size 1024 --reference 512 \
+        --out "$res/offload-memory.json"
+    # 3. SLOT (the training issue, engineer D): real-size training memory, one line of benchmarks/train_real_size.py
+    part train-real-size 90 "$PY" benchmarks/train_real_size.py --model sd3-medium --batch-size 1 \
+        --gradient-checkpointing 1 --dtype bf16 --steps 3 --json "$res/train-real-size.jsonl"
+    echo "== issue17 done in $(( $(date +%s) - start ))s; results in $res" >&2
+}
+
 case ${1:-} in
     train) shift; train "$@" ;;
     matrix) matrix "${2:?seconds}" ;;
@@ -99,6 +147,7 @@ case ${1:-} in
     offload) "$PY" scripts/offload_check.py "$OUT" ;;  # GPU-only (sequential offload fails on CPU for the parent too)
     distributed) distributed ;;  # GPU-only: accelerate's FSDP refuses CPUs, DeepSpeed needs CUDA (docs/training.md)
     realsize) realsize "${2:-300}" ;;
+    issue17) issue17 "${2:-570}" ;;
     *) echo "usage: $0 train MINUTES [KEY=VALUE ...] | matrix SECONDS | both MINUTES SECONDS | offload | distributed" \
-            "| realsize SECONDS_PER_RUN" >&2; exit 2 ;;
+            "| realsize SECONDS_PER_RUN | issue17 [SECONDS]" >&2; exit 2 ;;
 esac

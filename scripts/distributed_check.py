@@ -2,8 +2,8 @@
 
     python scripts/distributed_check.py RUN_FOLDER KIND
 
-Prints one line; exit status 1 unless the run reached step 8 and its final CustomShift export holds every
-tensor at its full (unsharded) shape, finite.
+Prints one line; exit status 1 unless the run reached step 8, its final CustomShift export holds every
+tensor at its full (unsharded) shape, finite, and validation ran at steps 4, 6 and 8.
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ def main(run: Path, kind: str) -> int:
     shapes = {k: tuple(v.shape) for k, v in fresh.customshift_state_dict().items()}
     full = set(exported) == set(shapes) and all(tuple(exported[k].shape) == s for k, s in shapes.items())
     finite = all(bool(v.float().isfinite().all()) for v in exported.values())
-    ok = full and finite and state["step"] == 8
+    validation = run / "validation.csv"
+    steps = [r.split(",")[0] for r in validation.read_text().splitlines()[1:]] if validation.is_file() else []
+    validated = steps == ["4", "6", "8"]  # every 4 steps, and at the end of the first invocation (max_steps 6)
+    ok = full and finite and validated and state["step"] == 8
     print(f"== {kind}: {'ok' if ok else 'FAILED'}: world_size {state['world_size']}, step {state['step']}, "
-          f"full tensors {full}, finite {finite}")
+          f"full tensors {full}, finite {finite}, validated at 4, 6, 8 {validated}")
     return 0 if ok else 1
 
 
