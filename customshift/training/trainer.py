@@ -130,6 +130,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.pipe, self.trainable, config)
         self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=self.optimizer,
                                           num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
+        if acc.distributed_type == DistributedType.DEEPSPEED:  # no dataloader is prepared: DeepSpeed needs the size
+            ds = acc.state.deepspeed_plugin
+            if ds.is_auto("train_micro_batch_size_per_gpu"):
+                ds.deepspeed_config["train_micro_batch_size_per_gpu"] = config.data.batch_size
         self.model, self.optimizer = acc.prepare(self.objective, self.optimizer)
         # FSDP2 replaces parameters by sharded ones: clipping, EMA and exports must use what the model now holds.
         prepared = dict(acc.unwrap_model(self.model).named_parameters())
