@@ -252,3 +252,20 @@ def subject_missing_message(subject: str, prompt: str, limit: int = 80) -> str:
         where = "does not appear in the prompt %r"
     return (f"subject name %r {where}: the reference is applied with an unconditional shift (m_i = 1). Put the "
             "subject's name early in the prompt.") % (subject, shown)
+
+
+def image_problem(path: str, seen: dict[str, str | None]) -> str | None:
+    """Why the reference ``path`` cannot be decoded (the loader's message), or None; each path decoded once.
+
+    Batch manifests repeat references across rows: ``seen`` keeps the answer per path.
+    """
+    if path not in seen:
+        seen[path] = None
+        if Path(path).suffix.lower() != ".safetensors":  # embeddings are checked by their own loader
+            from .images import load_image
+
+            try:
+                load_image(path)
+            except CustomShiftError as error:
+                seen[path] = str(error)
+    return seen[path]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .batching import ProcessShare, generate_batch, group_batches, shard
-from .checks import MAX_SEED, describe_missing
+from .checks import MAX_SEED, describe_missing, image_problem
 from .errors import CustomShiftError, ManifestError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -110,6 +110,7 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
     except (OSError, UnicodeDecodeError) as error:
         raise ManifestError(f"cannot read manifest {path}: {error}") from None
     jobs, problems, seen = [], [], set()
+    decoded: dict[str, str | None] = {}  # reference -> why it cannot be decoded (None: fine), once per file
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -168,6 +169,10 @@ def read_manifest(path: str | Path, seed: int = 0) -> list[Job]:
             problems.append(f"{where}: reference {absent[0]}")
             continue
         resolved = [str((path.parent / r).resolve()) for r in refs]
+        unreadable = [p for p in (image_problem(r, decoded) for r in resolved) if p]
+        if unreadable:  # a bad image is a bad row, reported before anything is generated
+            problems.append(f"{where}: {unreadable[0]}")
+            continue
         row_seed = row.get("seed", seed)
         if isinstance(row_seed, bool) or not isinstance(row_seed, int) or not 0 <= row_seed < MAX_SEED:
             problems.append(f"{where}: seed must be an integer in [0, 2^64), got {row_seed!r}")

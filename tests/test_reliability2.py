@@ -341,3 +341,16 @@ def test_a_subject_past_truncation_is_warned_about_with_a_short_prompt(tiny_pipe
     (message,) = [r.getMessage() for r in caplog.records if "robot" in r.getMessage()]
     assert "token limit" in message and f"({len(prompt)} characters)" in message
     assert len(message) < 400 and prompt not in message
+
+
+def test_a_batch_row_whose_image_cannot_be_decoded_is_reported_before_anything_is_generated(
+        tiny_folder, ref_path, tmp_path, no_model_load):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    manifest = tmp_path / "jobs.jsonl"
+    rows = [{"id": "ok", "reference": ref_path.name, "subject": "dog", "prompt": "a dog"},
+            {"id": "bad", "reference": "broken.png", "subject": "dog", "prompt": "a dog"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    line = assert_one_error_line(run_cli("generate", "--batch", manifest, "--model", tiny_folder, "--out", out))
+    assert f"{manifest}:2:" in line and "broken.png" in line and ":1:" not in line
+    assert not out.exists()
