@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--model", help="pipeline folder (default: the installed default model)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--attention-only", action="store_true",
+                        help="time only the reference attention (the default model's shape) in float32 and bf16")
     args = parser.parse_args(argv)
+    if args.attention_only:
+        return attention_only(args.rounds, args.out, argv)
     from diffusers import StableDiffusion3Pipeline
     from PIL import Image
 
@@ -77,6 +81,45 @@ def main(argv: list[str] | None = None) -> int:
         print(name, {k: round(v, 3) for k, v in result["overhead"][name].items()})
     if args.out:
         write_json(args.out, result)
+    return 0
+
+
+def attention_only(rounds: int, out: Path | None, argv: list[str] | None) -> int:
+    """The one per-step extra of the cached reference, alone: image queries (CFG batch 2, 3 heads x 64,
+    256 tokens) over 256 reference keys through the fused kernel with its log-sum-exp, as
+    customshift/attention.py calls it, float32 against a bf16 cache (queries cast down, output cast back).
+    Says in seconds whether this CPU's bf16 units make the bf16 cache pay (docs/speed.md)."""
+    from customshift.attention import attention_with_lse
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 256, 64, generator=gen) for _ in range(3))
+    key16, value16 = key[:1].to(torch.bfloat16), value[:1].to(torch.bfloat16)
+
+    def fp32() -> None:
+        attention_with_lse(query, key[:1].expand(2, -1, -1, -1), value[:1].expand(2, -1, -1, -1))
+
+    def bf16() -> None:
+        out, _ = attention_with_lse(query.to(torch.bfloat16), key16.expand(2, -1, -1, -1),
+                                    value16.expand(2, -1, -1, -1))
+        out.float()
+
+    calls = 200
+    samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for index in range(rounds + 1):  # the first round warms up
+        for name, fn in list(zip(samples, (fp32, bf16), strict=True))[:: 1 if index % 2 else -1]:
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            if index:
+                samples[name].append((time.perf_counter() - start) / calls * 1e3)
+    result = {"machine": machine_info(torch.device("cpu")), "rounds": rounds, "calls_per_round": calls,
+              "command": "python benchmarks/cache_precision.py " + " ".join(argv or sys.argv[1:]),
+              "ms_per_call": {k: statistics.median(v) for k, v in samples.items()}, "samples_ms": samples}
+    result["bf16_over_fp32"] = result["ms_per_call"]["bfloat16"] / result["ms_per_call"]["float32"]
+    print({k: round(v, 3) for k, v in result["ms_per_call"].items()}, "bf16/fp32", round(result["bf16_over_fp32"], 2))
+    if out:
+        write_json(out, result)
     return 0
 
 
