@@ -214,6 +214,22 @@ def _is_inside(path: str, root: Path) -> bool:
         return False
 
 
+def _second_subject(uploads: Sequence[Any] | None, subject: str | None, first: str,
+                    limits: Limits) -> list[tuple[list[Any], str]]:
+    """The optional second subject of a request as ``[(uploads, name)]`` ([] when none), checked like the first."""
+    uploads, subject = [u for u in (uploads or []) if u], (subject or "").strip()
+    if not uploads and not subject:
+        return []
+    if not uploads or not subject:
+        raise LimitError("the second subject needs both its reference image(s) and its name (or neither)")
+    if len(uploads) > limits.max_references or len(subject) > limits.max_subject_chars:
+        raise LimitError(f"the second subject allows up to {limits.max_references} images and a name of up to "
+                         f"{limits.max_subject_chars} characters")
+    if subject.lower() == first.lower():
+        raise LimitError(f"the two subjects need different names (both are {subject!r})")
+    return [(uploads, subject)]
+
+
 def _upload_path(item: Any) -> str:
     """The server path of one uploaded file as gradio hands it over (a str, or a FileData-like)."""
     if isinstance(item, (str, os.PathLike)):
@@ -339,6 +355,8 @@ class DemoEngine:
         width: Any,
         height: Any,
         num_images: Any,
+        second_uploads: Sequence[Any] | None = None,
+        second_subject: str | None = None,
     ) -> dict[str, Any]:
         """Every limit, cheapest first, before any file is read; returns the normalised request."""
         lim = self.limits
@@ -388,6 +406,7 @@ class DemoEngine:
                 )
             sizes.append(side)
         return {
+            "second": _second_subject(second_uploads, second_subject, subject, lim),
             "uploads": uploads,
             "subject": subject,
             "prompts": prompts,
@@ -440,6 +459,8 @@ class DemoEngine:
             embedding, cached, digests = self.subject_embedding(
                 request["uploads"], request["subject"], request["height"], request["width"]
             )
+            subjects = [embedding] + [self.subject_embedding(ups, name, request["height"], request["width"])[0]
+                                      for ups, name in request["second"]]  # several: each its own m_i
             pipe = self.pipeline
             images, parameters = [], []
             for index in range(total):
@@ -452,7 +473,7 @@ class DemoEngine:
 
                 output = pipe(
                     prompt=prompt,
-                    subject=embedding,
+                    subject=subjects if len(subjects) > 1 else embedding,
                     shift_scale=request["shift_scale"],
                     guidance_scale=request["guidance_scale"],
                     reference_guidance_scale=request["reference_guidance_scale"],
@@ -467,7 +488,7 @@ class DemoEngine:
                 images.append(output.images[0])
                 parameters.append({
                     "prompt": prompt,
-                    "subject": request["subject"],
+                    "subject": request["subject"], "subjects": [request["subject"]] + [n for _, n in request["second"]],
                     "seed": image_seed,
                     "shift_scale": request["shift_scale"],
                     "guidance_scale": request["guidance_scale"],
@@ -602,7 +623,8 @@ def create_app(
 
     def generate(
         uploads, subject, prompts, shift_scale, guidance_scale, reference_guidance_scale, steps, seed, width,
-        height, num_images, progress=gr.Progress(),  # gradio's way to ask for a progress bar
+        height, num_images, second_uploads=None, second_subject=None,
+        progress=gr.Progress(),  # gradio's way to ask for a progress bar
     ):
         for prompt in _parse_prompts(prompts):
             if subject and subject.strip() and subject.strip().lower() not in prompt.lower():
@@ -611,7 +633,7 @@ def create_app(
         try:
             result = engine.generate(
                 uploads, subject, prompts, shift_scale, guidance_scale, reference_guidance_scale, steps, seed,
-                width, height, num_images, progress=progress,
+                width, height, num_images, second_uploads, second_subject, progress=progress,
             )
         except CustomShiftError as error:
             raise _user_error(error) from None
@@ -655,6 +677,12 @@ def create_app(
                                      max_lines=1, elem_id="subject")
                 prompts = gr.Textbox(label="Prompts, one per line", lines=3,
                                      placeholder="a dog on the beach\na dog in the snow", elem_id="prompts")
+                with gr.Accordion("Second subject (optional): its own photo(s) and name, both in the prompts",
+                                  open=False):
+                    second_references = gr.File(label="Second subject's reference image(s)", file_count="multiple",
+                                                file_types=["image"], type="filepath", elem_id="second-references")
+                    second_subject = gr.Textbox(label="Second subject's name", placeholder="cat", max_lines=1,
+                                                elem_id="second-subject")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
@@ -695,7 +723,7 @@ def create_app(
         button.click(
             generate,
             inputs=[references, subject, prompts, shift_scale, guidance_scale, reference_guidance_scale, steps, seed,
-                    width, height, num_images],
+                    width, height, num_images, second_references, second_subject],
             outputs=[gallery, status, downloads, parameters, parameters_button],
             api_name="generate",
             concurrency_id="generate",

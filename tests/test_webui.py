@@ -192,7 +192,7 @@ def test_no_endpoint_reads_arbitrary_server_paths(server, tmp_path):
     calls = server.pipe.calls
     for path in (str(secret), "/etc/passwd", "../../../etc/passwd"):
         reply = _raw_call(server.url, [[{"path": path, "meta": {"_type": "gradio.FileData"}}], "robot",
-                                       "a robot", 1.0, 7.0, 0.0, 2, 0, 32, 32, 1])
+                                       "a robot", 1.0, 7.0, 0.0, 2, 0, 32, 32, 1, None, ""])
         assert "event: error" in reply and "complete" not in reply
     assert server.pipe.calls == calls
     for path in ("/etc/passwd", str(secret), str(Path.cwd() / "pyproject.toml")):

@@ -72,7 +72,7 @@ def test_a_server_path_is_refused_with_a_message_and_no_traceback(small_server, 
     capfd.readouterr()
     for path in (str(secret), "/etc/passwd", "../../../etc/passwd"):
         reply = _raw_call(small_server, [[{"path": path, "meta": {"_type": "gradio.FileData"}}], "robot",
-                                         "a robot", 1.0, 7.0, 0.0, 2, 0, 32, 32, 1])
+                                         "a robot", 1.0, 7.0, 0.0, 2, 0, 32, 32, 1, None, ""])
         assert "event: error" in reply and "not uploaded through this page" in reply, reply
         assert '"error": null' not in reply and '"error":null' not in reply
     log = capfd.readouterr()
