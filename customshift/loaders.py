@@ -164,6 +164,11 @@ def _download(repo: str | Path, filename: str, subfolder: str | None, **hub: Any
         raise WeightsNotFoundError(f"{where}: could not be fetched from the hub ({type(error).__name__})") from None
 
 
+def _base(transformer: Any) -> Any:
+    """The module under ``torch.compile`` (peft's state-dict names are the plain module's)."""
+    return getattr(transformer, "_orig_mod", transformer)
+
+
 def model_card(pipe: Any) -> str:
     """README.md of a saved pipeline: base model, CustomShift config, how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -194,7 +199,7 @@ class CustomShiftLoaderMixin:
         if self.customshift_config.generation_lora_rank > 0:
             from peft.utils import get_peft_model_state_dict
 
-            lora = get_peft_model_state_dict(self.transformer, adapter_name=GENERATION_ADAPTER)
+            lora = get_peft_model_state_dict(_base(self.transformer), adapter_name=GENERATION_ADAPTER)
             state.update({f"generation_lora.{k}": v for k, v in lora.items()})
         return state
 
@@ -202,9 +207,10 @@ class CustomShiftLoaderMixin:
         """Add the optional generation-branch LoRA of ``customshift_config`` (once)."""
         from .reference import make_lora_config
 
-        if GENERATION_ADAPTER not in (getattr(self.transformer, "peft_config", None) or {}):
+        transformer = _base(self.transformer)
+        if GENERATION_ADAPTER not in (getattr(transformer, "peft_config", None) or {}):
             config = self.customshift_config
-            self.transformer.add_adapter(make_lora_config(config, config.generation_lora_rank), GENERATION_ADAPTER)
+            transformer.add_adapter(make_lora_config(config, config.generation_lora_rank), GENERATION_ADAPTER)
 
     def save_customshift(
         self, save_directory: str | Path, extra: dict[str, Any] | None = None, weight_name: str = WEIGHTS_NAME
@@ -292,7 +298,7 @@ class CustomShiftLoaderMixin:
         prefix = "generation_lora."
         lora = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         try:
-            result = set_peft_model_state_dict(self.transformer, lora, adapter_name=GENERATION_ADAPTER)
+            result = set_peft_model_state_dict(_base(self.transformer), lora, adapter_name=GENERATION_ADAPTER)
         except (RuntimeError, ValueError) as error:
             raise WeightsError(f"{where}: generation LoRA does not fit this model ({error})") from None
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and GENERATION_ADAPTER in k]
