@@ -62,6 +62,15 @@ def test_a_compact_embedding_needs_the_pipeline_and_its_weights(trained_pipe, ti
         loaded.save(tmp_path / "again.safetensors", compact=True)  # a loaded full embedding has no inputs
 
 
+def test_an_embedding_saved_before_the_compact_form_still_loads(good_embedding, tiny_pipe, tmp_path):
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(good_embedding[0].read_bytes())
+    _rewrite(path, metadata=_drop_meta("form"))  # the earlier format had no "form" entry
+    old = SubjectEmbedding.load(path)
+    assert not old.compact and old.subject == "dog"
+    tiny_pipe.check_subject(old)
+
+
 def _sizes_module():
     spec = importlib.util.spec_from_file_location("embedding_sizes", ROOT / "scripts" / "embedding_sizes.py")
     module = importlib.util.module_from_spec(spec)
