@@ -124,6 +124,23 @@ def test_load_customshift_from_the_hub_fetches_exactly_the_manifest_then_the_wei
         pipe.load_customshift("me/dog-model", subfolder="elsewhere")
 
 
+def test_from_pretrained_of_a_hub_repository_restores_its_weights(trained, tmp_path, monkeypatch):
+    from customshift.pipeline import CustomShiftPipeline
+
+    trained.save_pretrained(tmp_path / "repo")
+    snapshot = tmp_path / "snapshot"  # what diffusers' own download fetches: the components, not customshift/
+    shutil.copytree(tmp_path / "repo", snapshot, ignore=shutil.ignore_patterns("customshift"))
+    monkeypatch.setattr(CustomShiftPipeline, "download", classmethod(lambda cls, *a, **k: str(snapshot)))
+    hub = FakeHub(tmp_path / "repo")
+    monkeypatch.setattr("customshift.loaders.hf_hub_download", hub)
+    pipe = CustomShiftPipeline.from_pretrained("me/dog-model", revision="v2")
+    assert pipe.weights_fingerprint == trained.weights_fingerprint
+    assert [c[1:] for c in hub.calls] == [("customshift", "customshift.json", "v2"),
+                                          ("customshift", "customshift.safetensors", "v2")]
+    monkeypatch.setattr("customshift.loaders.hf_hub_download", FakeHub(snapshot))  # a repo without weights
+    assert CustomShiftPipeline.from_pretrained("me/plain-sd3").weights_fingerprint == TRAINING_FREE
+
+
 def test_argument_errors_are_argument_errors(tiny_pipe, tmp_path):
     with pytest.raises(TypeError):
         tiny_pipe.load_customshift(tmp_path, revison="main")
