@@ -38,6 +38,8 @@ class RuntimeMixin:
     """Devices, offload, user LoRAs and attention processors of a pipeline with a reference branch."""
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``to``; the branch's own LoRA and shift parameters follow (they are not a pipeline component,
+        which would put them into model_index.json)."""
         super().to(*args, **kwargs)
         dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
         device = kwargs.get("device") or next((a for a in args if not isinstance(a, torch.dtype)), None)
@@ -67,8 +69,10 @@ class RuntimeMixin:
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if self._generation_adapter() and GENERATION_ADAPTER not in names:
-            weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
-            names, adapter_weights = [*names, GENERATION_ADAPTER], [*weights, 1.0]
+            if adapter_weights is not None:  # None: every adapter at 1.0
+                weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+                adapter_weights = [*weights, 1.0]
+            names = [*names, GENERATION_ADAPTER]
         super().set_adapters(names, adapter_weights)
 
     def unload_lora_weights(self, *args: Any, **kwargs: Any) -> None:
@@ -123,6 +127,7 @@ class RuntimeMixin:
                     "CADSAttnProcessor there. Unload that adapter or processor, or generate without a subject."
                 )
             module.set_processor(CADSAttnProcessor(name))
+
 
 class ReferenceGuidanceMixin:
     """Generation with reference guidance (``reference_guidance_scale > 0``): three passes per step."""

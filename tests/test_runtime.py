@@ -262,6 +262,8 @@ def test_user_lora_calls_keep_the_customshift_generation_adapter(generation_pipe
     expected = generate(pipe, subject=subject)
     pipe.load_lora_weights(_style_lora(pipe), adapter_name="style")
     assert set(pipe.transformer.active_adapters()) == {"style", "generation"}
+    pipe.set_adapters("style")
+    assert set(pipe.transformer.active_adapters()) == {"style", "generation"}
     pipe.set_adapters(["style"], [0.0])  # the style at weight 0: the image is the one without it
     assert set(pipe.transformer.active_adapters()) == {"style", "generation"}
     assert np.abs(generate(pipe, subject=subject) - expected).max() <= 1e-5
@@ -308,3 +310,13 @@ def test_nothing_reads_transformer_device_which_is_meta_under_sequential_offload
     monkeypatch.setattr(type(trained_pipe.transformer), "device", property(lambda self: torch.device("meta")))
     again = trained_pipe.encode_subject(random_image(0), "dog")
     assert np.array_equal(generate(trained_pipe, subject=again, reference_guidance_scale=w_ref), expected)
+
+
+def test_two_subjects_on_sd35_dual_attention_blocks(tiny_folders):
+    pipe = load_tiny(tiny_folders["sd35"])  # attn2 has no text tokens: both subjects fall back to m_i = 1 there
+    randomize_adapter(pipe)
+    robot = pipe.encode_subject(random_image(1), "robot")
+    tree = pipe.encode_subject(random_image(2), "tree")
+    single = generate(pipe, TWO, subject=robot)
+    assert np.array_equal(generate(pipe, TWO, subject=[robot, tree], shift_scale=[1.0, 0.0]), single)
+    assert np.abs(generate(pipe, TWO, subject=[robot, tree]) - single).max() > 1e-4
