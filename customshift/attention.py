@@ -19,6 +19,9 @@ of reading beta_i (``CADSState.mass``):
   and the multiplier that meets the constraint is beta_i - (LSE_R - LSE_B); then
   out_i = (1 - rho_i) * out_i^B + rho_i * out_i^R whatever the scores' magnitudes.
 
+Several subjects (``CADSState.references``) get one reference set each, with its own shift and its own m_i;
+the output mixes K + 1 attentions with weights softmax(0, l_1, ..., l_K) (docs/method.md, "Several subjects").
+
 See docs/method.md for the derivation. Two equivalent forms are implemented:
 
 * ``split``: one attention over the base keys and one over the reference keys, combined with the
