@@ -285,7 +285,7 @@ def run_jobs(
     from tqdm.auto import tqdm
 
     from . import __version__
-    from .io import atomic_save_image, atomic_write_json, file_sha256
+    from .io import atomic_save_image, atomic_write_json
     from .reference import SubjectEmbedding
 
     jobs = list(jobs)
@@ -304,55 +304,62 @@ def run_jobs(
     share = share or ProcessShare()
     share.wait()  # every process has listed the folder before anyone writes: the shares do not overlap
     mine = shard(todo, share.index, share.count)
-    bar = tqdm(total=len(mine), desc="images" if share.count == 1 else f"images [{share.index + 1}/{share.count}]",
-               unit="img", disable=not progress)
-    # Jobs of the same subject(s) share a batch (the pipeline takes one set of subjects per call); same files
-    # at any size.
-    for batch in group_batches(mine, lambda j: j.subject_keys, batch_size):
-        for key in batch[0].subject_keys:
-            if key not in subjects:
-                if len(key[0]) == 1 and key[0][0].endswith(".safetensors"):
-                    subjects[key] = SubjectEmbedding.load(key[0][0]).to(pipe.device, reference_dtype)
-                else:
-                    subjects[key] = pipe.encode_subject(list(key[0]), key[1], params.height, params.width,
-                                                        dtype=reference_dtype)
-        embeddings = [subjects[key] for key in batch[0].subject_keys]
-        images = generate_batch(
-            pipe, embeddings[0] if len(embeddings) == 1 else embeddings, [j.prompt for j in batch],
-            [j.seed for j in batch],
-            negative_prompt=params.negative_prompt,
-            num_inference_steps=params.steps,
-            guidance_scale=params.guidance_scale,
-            reference_guidance_scale=params.reference_guidance_scale,
-            shift_scale=params.shift_scale,
-            height=params.height,
-            width=params.width,
-        )
-        for job, image in zip(batch, images, strict=True):
-            atomic_save_image(image, out_dir / f"{job.id}.png")
-            sidecar = {
-                "id": job.id,
-                "prompt": job.prompt,
-                "subject": job.subject,
-                "references": [{"path": r, "sha256": file_sha256(r)} for r in job.references],
-                **({"subjects": [{"subject": name, "references": [{"path": r, "sha256": file_sha256(r)} for r in refs]}
-                                 for refs, name in job.subject_keys]} if job.others else {}),
-                "seed": job.seed,
-                **asdict(params),
-                "height": image.height,
-                "width": image.width,
-                "model": source.get("model"),
-                "weights": source.get("weights"),
-                "base_fingerprint": pipe.base_fingerprint,
-                "weights_fingerprint": pipe.weights_fingerprint,
-                "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
-                "device": str(pipe.device),
-                "versions": _versions(__version__),
-                "command": _reproduce_command(job, params, source),
-            }
-            atomic_write_json(out_dir / f"{job.id}.json", sidecar)
-        bar.update(len(batch))
+    # closed before an error propagates, so the error line is not glued to the bar
+    with tqdm(total=len(mine), desc="images" if share.count == 1 else f"images [{share.index + 1}/{share.count}]",
+               unit="img", disable=not progress) as bar:
+        # Jobs of the same subject(s) share a batch (the pipeline takes one set of subjects per call); same files
+        # at any size.
+        for batch in group_batches(mine, lambda j: j.subject_keys, batch_size):
+            for key in batch[0].subject_keys:
+                if key not in subjects:
+                    if len(key[0]) == 1 and key[0][0].endswith(".safetensors"):
+                        subjects[key] = SubjectEmbedding.load(key[0][0]).to(pipe.device, reference_dtype)
+                    else:
+                        subjects[key] = pipe.encode_subject(list(key[0]), key[1], params.height, params.width,
+                                                            dtype=reference_dtype)
+            embeddings = [subjects[key] for key in batch[0].subject_keys]
+            images = generate_batch(
+                pipe, embeddings[0] if len(embeddings) == 1 else embeddings, [j.prompt for j in batch],
+                [j.seed for j in batch],
+                negative_prompt=params.negative_prompt,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                reference_guidance_scale=params.reference_guidance_scale,
+                shift_scale=params.shift_scale,
+                height=params.height,
+                width=params.width,
+            )
+            for job, image in zip(batch, images, strict=True):
+                atomic_save_image(image, out_dir / f"{job.id}.png")
+                sidecar = {
+                    "id": job.id,
+                    "prompt": job.prompt,
+                    "subject": job.subject,
+                    "references": _records(job.references),
+                    **({"subjects": [{"subject": name, "references": _records(refs)}
+                                     for refs, name in job.subject_keys]} if job.others else {}),
+                    "seed": job.seed,
+                    **asdict(params),
+                    "height": image.height,
+                    "width": image.width,
+                    "model": source.get("model"),
+                    "weights": source.get("weights"),
+                    "base_fingerprint": pipe.base_fingerprint,
+                    "weights_fingerprint": pipe.weights_fingerprint,
+                    "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+                    "device": str(pipe.device),
+                    "versions": _versions(__version__),
+                    "command": _reproduce_command(job, params, source),
+                }
+                atomic_write_json(out_dir / f"{job.id}.json", sidecar)
+            bar.update(len(batch))
     return {"generated": len(mine), "kept": len(jobs) - len(todo)}
+
+
+def _records(references: Sequence[str]) -> list[dict[str, str]]:
+    from .io import file_sha256
+
+    return [{"path": r, "sha256": file_sha256(r)} for r in references]
 
 
 def _versions(customshift_version: str) -> dict[str, str]:
