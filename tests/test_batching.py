@@ -131,8 +131,8 @@ def test_evaluation_harness_batches_one_subject_to_the_same_images(tiny_pipe, tm
         random_image(len(name)).save(folder / "0.png")
     subjects = [H.BenchmarkSubject(name, name, [f"a {name} on a beach", f"a {name} in snow"],
                                    [tmp_path / "data" / name / "0.png"]) for name in ("dog", "cat")]
-    items = H.plan_work(subjects, images_per_prompt=2, reference_policy="first", seed=0)
-    generator = H.PipelineGenerator(H.GenerationSettings(model="tiny", steps=3, height=32, width=32,
+    items = H.plan_work(subjects, images_per_prompt=1, reference_policy="first", seed=0)
+    generator = H.PipelineGenerator(H.GenerationSettings(model="tiny", steps=2, height=32, width=32,
                                                          guidance_scale=3.0), device="cpu", pipeline=tiny_pipe)
     calls: list[int] = []
     real = generator.generate_batch
@@ -141,8 +141,8 @@ def test_evaluation_harness_batches_one_subject_to_the_same_images(tiny_pipe, tm
     for size in (1, 8):
         stats[size] = H.run_generation(items, tmp_path / f"b{size}", lambda: generator, batch_size=size,
                                        show_progress=False)
-    assert calls == [1] * 8 + [4, 4] and stats[8].generated == stats[1].generated == 8
+    assert calls == [1] * 4 + [2, 2] and stats[8].generated == stats[1].generated == 4
     assert stats[8].subjects_encoded == 2
     one = {p.relative_to(tmp_path / "b1"): p.read_bytes() for p in (tmp_path / "b1").rglob("*.png")}
     eight = {p.relative_to(tmp_path / "b8"): p.read_bytes() for p in (tmp_path / "b8").rglob("*.png")}
-    assert len(one) == 8 and one == eight
+    assert len(one) == 4 and one == eight
