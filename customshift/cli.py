@@ -102,6 +102,16 @@ def check_generation_options(out: Path, model: str | None, device: str | None, *
     check_generation_numbers(geometry=geometry, **numbers)
 
 
+def _check_sampling(out: Path, steps: int, seed: int) -> None:
+    """demo's and evaluate synthetic's --out, --steps and --seed, before the model loads."""
+    from .checks import MAX_STEPS, check_out_folder, check_seed
+
+    check_out_folder(out)
+    check_seed(seed)
+    if not 1 <= steps <= MAX_STEPS:
+        raise CustomShiftError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}")
+
+
 @app.command()
 @user_errors
 def generate(
@@ -265,6 +275,7 @@ def demo(
         raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if track not in TRACKS:
         raise typer.BadParameter(f"--track must be one of {', '.join(TRACKS)}, got {track!r}")
+    _check_sampling(out, steps, seed)
     if guidance_scale is None:
         guidance_scale = DEFAULT_MODEL_GUIDANCE if model is None else 1.0
     pipe = load_pipeline(model, weights, device, "auto")
@@ -323,6 +334,7 @@ def evaluate_synthetic(
     for name in track or []:
         if name not in TRACKS:
             raise typer.BadParameter(f"--track must be one of {', '.join(TRACKS)}, got {name!r}")
+    _check_sampling(out, steps, seed)
     parse_dtype(reference_dtype, "--reference-dtype")
     extra = {} if reference_dtype == "auto" else {"reference_dtype": reference_dtype}
     pipe = load_pipeline(model, weights, device, "auto")

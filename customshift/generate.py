@@ -217,9 +217,11 @@ def parse_dtype(name: str | None, option: str = "--dtype") -> torch.dtype | None
 
 def load_pipeline(model: str | None, weights: str | None, device: str | None = None, dtype: str | None = "auto"):
     """The pipeline for ``--model`` (default: the packaged default model) with ``--weights`` loaded."""
+    from .checks import check_device
     from .default_model import default_model_path, default_weights_path
     from .pipeline import CustomShiftPipeline
 
+    check_device(device)  # every command's --device, before any weights are read
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = model or str(default_model_path())

@@ -178,3 +178,21 @@ def test_two_subject_track_and_demo_run_both_subjects_through_the_method(tiny_fo
 
     with Image.open(path) as grid:  # four columns: two references, the result, the target
         assert grid.width > 4 * 64 * 2
+
+
+@pytest.mark.parametrize(("command", "extra", "message"), [
+    ("demo", ["--steps", "0"], "--steps must be between 1 and"),
+    ("demo", ["--seed", "-1"], "--seed must be in [0, 2^64)"),
+    ("demo", ["--device", "bogus"], "unknown --device"),
+    ("evaluate synthetic", ["--steps", "0"], "--steps must be between 1 and"),
+    ("evaluate synthetic", ["--device", "cuda"], "CUDA is not available"),
+])
+def test_demo_and_evaluate_check_numbers_and_device_before_loading(tmp_path, command, extra, message):
+    from typer.testing import CliRunner
+
+    from customshift.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*command.split(), "--out", str(out), *extra])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out.exists()
