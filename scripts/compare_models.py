@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from customshift import synthetic
-from customshift.eval.synthetic_eval import TRACKS, generate_pairs, generate_two_subject_pairs, track_pairs
+from customshift.eval.synthetic_eval import TRACKS, generate_pairs, track_pairs
 from customshift.generate import load_pipeline
 from customshift.io import atomic_write_json
 
@@ -33,11 +33,9 @@ def compare(model_a: str, model_b: str, *, n: int, tracks: list[str], steps: int
                     "guidance_scale": guidance_scale, "seed": seed}
     for track in tracks:
         pairs = track_pairs(track, n)
-        two = TRACKS[track].get("two_subjects", False)
-        run, score = (generate_two_subject_pairs, synthetic.score_two_subjects) if two else (generate_pairs,
-                                                                                            synthetic.score)
+        score = synthetic.score_two_subjects if TRACKS[track].get("two_subjects") else synthetic.score
         a, b = (np.asarray(score(images, pairs)["per_sample"]["identity"], dtype=float)
-                for images in (run(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed)
+                for images in (generate_pairs(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed)
                                for pipe in pipes))
         diff = b - a
         report[track] = {

@@ -21,7 +21,7 @@ SIZE = synthetic.CANVAS
 def generate_pairs(
     pipe,
     pairs: list,
-    references: list[np.ndarray] | None = None,
+    references: list | None = None,
     *,
     steps: int = 20,
     guidance_scale: float = 1.0,
@@ -31,17 +31,25 @@ def generate_pairs(
     use_reference: bool = True,
     reference_dtype: str | None = None,
 ) -> list[np.ndarray]:
-    """One image per pair (uint8 64x64), from ``references`` (default: each pair's own reference)."""
+    """One image per pair (uint8 64x64), from ``references`` (default: each pair's own reference).
+
+    A two-subject pair's reference is a pair of images: both subjects go through the method
+    (``subject=[a, b]``, each with its own name).
+    """
     from ..generate import parse_dtype
 
     kv_dtype = parse_dtype(reference_dtype, "reference_dtype")
-    references = references if references is not None else [p.reference for p in pairs]
+    references = references if references is not None else [_references_of(p) for p in pairs]
     pipe.set_progress_bar_config(disable=True)
     images = []
     for index, (pair, reference) in enumerate(zip(pairs, references, strict=True)):
         subject = None
         if use_reference:
-            subject = pipe.encode_subject(reference, pair.subject_name, SIZE, SIZE, dtype=kv_dtype)
+            several = isinstance(reference, tuple | list)
+            names = pair.subject_names if several else [pair.subject_name]
+            subject = [pipe.encode_subject(ref, name, SIZE, SIZE, dtype=kv_dtype)
+                       for ref, name in zip(reference if several else [reference], names, strict=True)]
+            subject = subject if several else subject[0]
         out = pipe(
             prompt=pair.prompt, subject=subject, num_inference_steps=steps, guidance_scale=guidance_scale,
             reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, height=SIZE, width=SIZE,
@@ -49,6 +57,10 @@ def generate_pairs(
         ).images[0]
         images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return images
+
+
+def _references_of(pair) -> np.ndarray | tuple[np.ndarray, ...]:
+    return pair.references if isinstance(pair, synthetic.TwoSubjectPair) else pair.reference
 
 
 # Every track `customshift evaluate synthetic` reports (synthetic.md, versions 1 and 2). "clean" is both
@@ -76,31 +88,6 @@ def track_pairs(name: str, n: int, layout: str = "random", seed: int = 0) -> lis
     return synthetic.evaluation_split(n=n, seed=seed, layout=layout, **spec)
 
 
-def generate_two_subject_pairs(pipe, pairs: list, references: list | None = None, *, steps: int = 20,
-                               guidance_scale: float = 1.0, reference_guidance_scale: float = 0.0,
-                               shift_scale: float = 1.0, seed: int = 0, use_reference: bool = True,
-                               reference_dtype: str | None = None) -> list[np.ndarray]:
-    """One image per two-subject pair, both subjects through the method (``subject=[a, b]``)."""
-    from ..generate import parse_dtype
-
-    kv_dtype = parse_dtype(reference_dtype, "reference_dtype")
-    references = references if references is not None else [p.references for p in pairs]
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for index, (pair, refs) in enumerate(zip(pairs, references, strict=True)):
-        subject = None
-        if use_reference:
-            subject = [pipe.encode_subject(ref, name, SIZE, SIZE, dtype=kv_dtype)
-                       for ref, name in zip(refs, pair.subject_names, strict=True)]
-        out = pipe(
-            prompt=pair.prompt, subject=subject, num_inference_steps=steps, guidance_scale=guidance_scale,
-            reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, height=SIZE, width=SIZE,
-            generator=torch.Generator("cpu").manual_seed(seed + index), output_type="np",
-        ).images[0]
-        images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
-    return images
-
-
 def _breakdown(scores: dict[str, Any], pairs: list) -> dict[str, Any]:
     """Distractor tracks: identity and leakage over the pairs whose two boxes touch, and over the others."""
     per = scores["per_sample"]
@@ -118,15 +105,11 @@ def evaluate_track(pipe, name: str, *, n: int = 64, seed: int = 0, layout: str =
                    **generation: Any) -> tuple[dict[str, Any], list, list[np.ndarray]]:
     """Scores of one track with its wrong-reference control (each pair generated with reference k+1)."""
     pairs = track_pairs(name, n, layout)
-    if TRACKS[name].get("two_subjects"):
-        images = generate_two_subject_pairs(pipe, pairs, seed=seed, **generation)
-        wrong_refs = [pairs[(k + 1) % len(pairs)].references for k in range(len(pairs))]
-        wrong = generate_two_subject_pairs(pipe, pairs, wrong_refs, seed=seed, **generation)
-        scores, wrong_scores = synthetic.score_two_subjects(images, pairs), synthetic.score_two_subjects(wrong, pairs)
-    else:
-        images = generate_pairs(pipe, pairs, seed=seed, **generation)
-        wrong = generate_pairs(pipe, pairs, synthetic.wrong_references(pairs), seed=seed, **generation)
-        scores, wrong_scores = synthetic.score(images, pairs), synthetic.score(wrong, pairs)
+    score = synthetic.score_two_subjects if TRACKS[name].get("two_subjects") else synthetic.score
+    images = generate_pairs(pipe, pairs, seed=seed, **generation)
+    wrong_refs = [_references_of(pairs[(k + 1) % len(pairs)]) for k in range(len(pairs))]  # reference k+1
+    wrong = generate_pairs(pipe, pairs, wrong_refs, seed=seed, **generation)
+    scores, wrong_scores = score(images, pairs), score(wrong, pairs)
     summary = {k: v for k, v in scores.items() if k != "per_sample"}
     summary["identity_wrong_reference"] = wrong_scores["identity"]
     if TRACKS[name].get("track") == "distractor":
@@ -157,16 +140,20 @@ def evaluate_synthetic(
     summary: dict[str, Any] = {"n": n, "seed": seed, "layout": layout, **{k: v for k, v in generation.items()}}
     for track in tracks:
         summary[track], pairs, images = evaluate_track(pipe, track, n=n, seed=seed, layout=layout, **generation)
-        if TRACKS[track].get("two_subjects"):
-            rows = [[*p.references, img, p.target] for p, img in zip(pairs[:grid_rows], images, strict=False)]
-            labels = ["reference 1", "reference 2", "generated", "target"]
-        else:
-            rows = [[p.reference, img, p.target] for p, img in zip(pairs[:grid_rows], images, strict=False)]
-            labels = ["reference", "generated", "target"]
+        rows, labels = _grid_rows(pairs[:grid_rows], images)
         atomic_save_image(synthetic.make_grid(rows, labels=labels), out_dir / f"grid-{track}.png")
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "summary.md", summary_markdown(summary, tracks))
     return summary
+
+
+def _grid_rows(pairs: list, images: list[np.ndarray]) -> tuple[list[list[np.ndarray]], list[str]]:
+    """reference(s) | generated | target rows and their column titles."""
+    if pairs and isinstance(pairs[0], synthetic.TwoSubjectPair):
+        return ([[*p.references, g, p.target] for p, g in zip(pairs, images, strict=False)],
+                ["reference 1", "reference 2", "generated", "target"])
+    rows = [[p.reference, g, p.target] for p, g in zip(pairs, images, strict=False)]
+    return rows, ["reference", "generated", "target"]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -197,14 +184,8 @@ def demo_grid(pipe, out_dir: str | Path, *, n: int = 8, steps: int = 20, seed: i
     """reference(s) | generated | exact target for ``n`` held-out pairs of ``track`` (a `TRACKS` name), as one PNG:
     ``demo.png`` for the clean track on the spec's random layout, else ``demo-TRACK[-LAYOUT].png``."""
     pairs = track_pairs(track, n, layout)
-    if TRACKS[track].get("two_subjects"):
-        images = generate_two_subject_pairs(pipe, pairs, steps=steps, seed=seed, guidance_scale=guidance_scale)
-        rows = [[*p.references, g, p.target] for p, g in zip(pairs, images, strict=True)]
-        labels = ["reference 1", "reference 2", "generated", "target"]
-    else:
-        images = generate_pairs(pipe, pairs, steps=steps, seed=seed, guidance_scale=guidance_scale)
-        rows = [[p.reference, g, p.target] for p, g in zip(pairs, images, strict=True)]
-        labels = ["reference", "generated", "target"]
+    images = generate_pairs(pipe, pairs, steps=steps, seed=seed, guidance_scale=guidance_scale)
+    rows, labels = _grid_rows(pairs, images)
     suffix = "".join(f"-{part}" for part, default in ((track, "clean"), (layout, "random")) if part != default)
     path = Path(out_dir) / f"demo{suffix}.png"
     atomic_save_image(synthetic.make_grid(rows, labels=labels), path)
