@@ -1,4 +1,4 @@
-"""The synthetic ground-truth domain ("sprites"), implemented exactly as ``design/synthetic.md``.
+"""The synthetic ground-truth domain ("sprites"): its spec (versions 1 and 2) as docs/synthetic.md describes it.
 
 Real subject-driven benchmarks need big pretrained models and proxy metrics; here every target image
 is known, so identity and prompt-following are measured exactly and a model can be trained from
@@ -536,7 +536,7 @@ class PairStream:
 
     ``track`` and ``layout`` are a name or a {name: weight} mapping drawn per reference; both are
     plain attributes, so a trainer can change the curriculum stage mid-stream. ``targets_per_reference``
-    consecutive pairs share one reference (findings.md: several targets per reference pass).
+    consecutive pairs share one reference (one reference pass feeds several targets: docs/default-model.md).
     """
 
     seed: int = 0
@@ -602,7 +602,7 @@ def evaluation_split(n: int = 64, track: str = "clean", seed: int = 0, layout: s
 
 
 def wrong_references(pairs: Sequence[Pair]) -> list[np.ndarray]:
-    """Reference k+1 for pair k (cyclic): the wrong-reference control findings.md asks for."""
+    """Reference k+1 for pair k (cyclic): the wrong-reference control (equal identity = the reference is ignored)."""
     if len(pairs) < 2:
         raise ValueError("need at least two pairs to build wrong references")
     return [pairs[(k + 1) % len(pairs)].reference for k in range(len(pairs))]

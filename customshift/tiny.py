@@ -213,7 +213,7 @@ def build_tiny_pipeline(variant: Literal["sd3", "sd35"] = "sd3", seed: int = 0, 
 
 
 # The default model's shape: 64 x 64 sprites, a 4x VAE (16 x 16 x 4 latents), patch 1 (256 tokens, one per
-# 4-px sprite cell), a transformer narrow enough to train on a CPU (findings.md, runs 2-3).
+# 4-px sprite cell), a transformer narrow enough to train on a CPU (docs/default-model.md).
 DEFAULT_MODEL_SHAPE = {
     "sample_size": 16,
     "patch_size": 1,

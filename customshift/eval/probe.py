@@ -1,12 +1,12 @@
 """The reference-use probe: does the model read the subject's colours from the reference?
 
-Sampling decides a sprite's colours at high noise (design/findings.md). This probe noises held-out
+Sampling decides a sprite's colours at high noise (docs/default-model.md). This probe noises held-out
 targets to fixed levels sigma, asks the model for its clean-image estimate x0 = x_t - sigma * v with the
 right reference, a wrong one (another pair's) and none, decodes it, and reads the 5 x 5 cells at the
 target's known box. A model that uses the reference recovers more cells with the right reference than
 with a wrong one at sigma >= 0.85; equal numbers mean the reference is ignored, whatever the loss says.
 It needs one forward per (pair, sigma, condition) and no sampling, so it is cheap enough to gate a long
-run on it (findings.md: >= 10 points at sigma 0.85 / 0.95 before a run is worth hours).
+run on it (docs/default-model.md: >= 10 points at sigma 0.85 / 0.95 before a run is worth hours).
 """
 
 from __future__ import annotations
