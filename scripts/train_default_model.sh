@@ -33,3 +33,8 @@ if [ ! -f runs/default/v5-4460/model_index.json ]; then
   python scripts/package_default_model.py runs/default/stage5-cpu --dest runs/default/v5-4460
 fi
 stage configs/default-model-v6-cooldown.yaml runs/default/stage6-cooldown
+# Stage 7 (the v7 candidate: spec version 2, two subjects) starts from stage 6 packaged the same way (= v6 as shipped).
+if [ ! -f runs/default/v6/model_index.json ]; then
+  python scripts/package_default_model.py runs/default/stage6-cooldown --dest runs/default/v6
+fi
+stage configs/default-model-v7-free.yaml runs/default/stage7-free
