@@ -52,8 +52,12 @@ def test_benchmark_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
         assert (runs / bench.slug(name) / "ckpt-0000002").is_dir()  # trained exactly the budget
     cost = summary["finetune"]["median"]
     assert cost["per-subject LoRA"]["steps"] == 2 and cost["CustomShift"]["steps"] == 0
+    for name in ("CustomShift", "naive concatenation", "text only", "copy the reference"):
+        two = methods[name]["two-subject"]  # the default tracks include two subjects
+        assert 0 <= two["identity"] <= 1 and 0 <= two["swap_rate"] <= 1 and "identity_wrong_reference" in two
     table = (tmp_path / "table.md").read_text()
     assert "| CustomShift |" in table and "| naive concatenation |" in table and "seconds" in table
+    assert "Two subjects in one image" in table
     assert (tmp_path / "figure.png").stat().st_size > 0
     assert not (out / "partial.json").exists()
     # A second run with the same settings reuses the trained variants and their scores.
