@@ -85,14 +85,19 @@ def generate_batch(pipe: Any, subject: Any, prompts: Sequence[str], seeds: Seque
 
 class ProcessShare:
     """Process index / count of this run: accelerate's ``PartialState`` under ``accelerate launch`` or
-    ``torchrun`` (gloo on CPU), one process otherwise; ``wait`` is a barrier across them."""
+    ``torchrun`` (gloo on CPU), one process otherwise; ``wait`` is a barrier across them. ``index``/``count``
+    given explicitly (tests, a scheduler's own sharding) take the place of the launcher's."""
 
-    def __init__(self, cpu: bool | None = None) -> None:
+    def __init__(self, cpu: bool | None = None, index: int | None = None, count: int | None = None) -> None:
         import os
 
         self._state = None
         self.index, self.count = 0, 1
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if index is not None or count is not None:
+            self.index, self.count = int(index or 0), int(count or 1)
+            if not 0 <= self.index < self.count:
+                raise ValueError(f"process index {self.index} out of range for {self.count} processes")
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
             cpu = (not torch.cuda.is_available()) if cpu is None else cpu

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from customshift.batching import ProcessShare
 from customshift.checks import inside, safe_file_name
 from customshift.errors import CustomShiftError, ManifestError
 from customshift.eval import report as rep
@@ -338,36 +339,6 @@ def check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> 
         )
 
 
-class _Dist:
-    """Process index / count and a barrier: accelerate's PartialState, or given explicitly (tests)."""
-
-    def __init__(self, process_index: int | None = None, num_processes: int | None = None,
-                 device: str | torch.device | None = None):
-        if process_index is not None or num_processes is not None:
-            self.index, self.count, self._state = int(process_index or 0), int(num_processes or 1), None
-        else:
-            from accelerate import PartialState
-
-            # Without a GPU (or with device="cpu") processes launched by accelerate/torchrun meet over gloo.
-            cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
-            self._state = PartialState(cpu=cpu)
-            self.index, self.count = self._state.process_index, self._state.num_processes
-        if not 0 <= self.index < self.count:
-            raise ValueError(f"process index {self.index} out of range for {self.count} processes")
-
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
-
-    @property
-    def device(self) -> torch.device | None:
-        return self._state.device if self._state is not None else None
-
-    def wait(self) -> None:
-        if self._state is not None and self.count > 1:
-            self._state.wait_for_everyone()
-
-
 # --------------------------------------------------------------------------------------------- scoring
 @dataclass
 class ScoreRecord:
@@ -569,7 +540,9 @@ def run_benchmark(*, benchmark: str, benchmark_title: str, subjects: Sequence[Be
     config = {"benchmark": benchmark, **asdict(settings), "reference_policy": reference_policy,
               "images_per_prompt": images_per_prompt, "subjects": [s.subject for s in subjects],
               "prompts_per_subject": {s.subject: len(s.prompts) for s in subjects}, "method": method_name}
-    dist = _Dist(process_index, num_processes, device)
+    # Without a GPU (or with device="cpu") processes launched by accelerate/torchrun meet over gloo.
+    on_cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
+    dist = ProcessShare(cpu=on_cpu, index=process_index, count=num_processes)
     if plan_only:
         if dist.is_main:
             write_manifest(out_dir / "manifest.jsonl", items)
