@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
 
-    from customshift import synthetic
+    from customshift.sprites import synthetic
     from customshift.batching import BatchInvariant, generate_batch
     from customshift.generate import load_pipeline
 

@@ -102,9 +102,9 @@ def train_variant(name: str, args: argparse.Namespace) -> Path:
 
 
 def evaluate(pipe: Any, folder: Path, args: argparse.Namespace, use_reference: bool = True) -> dict[str, Any]:
-    from customshift.eval.probe import colour_recovery
-    from customshift.eval.synthetic_eval import evaluate_synthetic
-    from customshift.synthetic import evaluation_split
+    from customshift.sprites.probe import colour_recovery
+    from customshift.sprites.evaluate import evaluate_synthetic
+    from customshift.sprites.synthetic import evaluation_split
 
     start = time.perf_counter()
     summary = evaluate_synthetic(pipe, folder, n=args.n, tracks=args.tracks, steps=args.sampling_steps,
@@ -117,8 +117,8 @@ def evaluate(pipe: Any, folder: Path, args: argparse.Namespace, use_reference: b
 
 def copy_baseline(args: argparse.Namespace) -> dict[str, Any]:
     """The reference itself as the answer (two subjects: the first subject's reference, which holds one sprite)."""
-    from customshift import synthetic
-    from customshift.eval.synthetic_eval import TRACKS, track_pairs
+    from customshift.sprites import synthetic
+    from customshift.sprites.evaluate import TRACKS, track_pairs
 
     result: dict[str, Any] = {}
     for track in args.tracks:
@@ -135,8 +135,8 @@ def finetune_cost(args: argparse.Namespace, customshift_run: Path | None) -> dic
     """Seconds to the first image of a new subject: per-subject LoRA fitting vs CustomShift (same base, same CPU)."""
     from speed import LoraTuner
 
-    from customshift import synthetic
-    from customshift.eval.probe import load_model
+    from customshift.sprites import synthetic
+    from customshift.sprites.probe import load_model
     from customshift.training.trainer import load_pipeline_from_checkpoint
 
     pairs = synthetic.evaluation_split(n=args.finetune_subjects)
@@ -199,7 +199,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"then {settings['n']} held-out subjects per track, {settings['sampling_steps']} sampling steps, guidance "
         f"{settings['guidance_scale']}. Identity with a wrong reference is the control: equal to identity means "
         "the reference is ignored. Probe: cells recovered from the one-step clean estimate at sigma 0.85 / 0.95 "
-        "with the right / a wrong reference (customshift.eval.probe).",
+        "with the right / a wrong reference (customshift.sprites.probe).",
         "",
         f"Measured on {results['machine']} in {results['minutes']:.0f} min. Command:",
         "",
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/synthetic-benchmark")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--tracks", nargs="+", default=["clean", "distractor", "two-subject"],
-                        help="evaluate-synthetic tracks (customshift.eval.synthetic_eval.TRACKS)")
+                        help="evaluate-synthetic tracks (customshift.sprites.evaluate.TRACKS)")
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--max-sequence-length", type=int, default=16)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.manual_seed(0)
     began = time.perf_counter()
-    from customshift.eval.probe import load_model
+    from customshift.sprites.probe import load_model
     from customshift.training.trainer import load_pipeline_from_checkpoint
 
     partial, summary = out / "partial.json", out / "summary.json"

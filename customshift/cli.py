@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import CustomShiftError
+from .sprites.commands import register as register_sprite_commands
 from .training.commands import register as register_training_commands
 
 try:  # typer >= 0.24 vendors click; older typer uses click itself
@@ -185,7 +186,7 @@ def generate(
 
         guidance_scale = 7.0 if model else DEFAULT_MODEL_GUIDANCE
     if model is None:
-        from .default_model import domain_note
+        from .sprites.model import domain_note
 
         note = domain_note([j.subject for j in jobs], [j.prompt for j in jobs])
         if note:
@@ -245,7 +246,8 @@ def encode(
     typer.echo(f"wrote {out}")
 
 
-register_training_commands(app, user_errors)  # train, train-vae, train-default-model: customshift/training/commands.py
+register_training_commands(app, user_errors)  # train: customshift/training/commands.py
+register_sprite_commands(app, user_errors)  # train-vae, train-default-model: customshift/sprites/commands.py
 
 
 @app.command()
@@ -267,9 +269,9 @@ def demo(
 ) -> None:
     """Write a grid of held-out synthetic subjects: reference(s) | generated | exact target."""
     from .default_model import DEFAULT_MODEL_GUIDANCE
-    from .eval.synthetic_eval import TRACKS, demo_grid
     from .generate import load_pipeline
-    from .synthetic import LAYOUTS
+    from .sprites.evaluate import TRACKS, demo_grid
+    from .sprites.synthetic import LAYOUTS
 
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -324,10 +326,10 @@ def evaluate_synthetic(
     reference_dtype: ReferenceDtypeOpt = "auto",
 ) -> None:
     """Score a model on held-out synthetic subjects with the exact metrics (JSON, markdown, grid)."""
-    from .eval.synthetic_eval import TRACKS
-    from .eval.synthetic_eval import evaluate_synthetic as run
     from .generate import load_pipeline, parse_dtype
-    from .synthetic import LAYOUTS
+    from .sprites.evaluate import TRACKS
+    from .sprites.evaluate import evaluate_synthetic as run
+    from .sprites.synthetic import LAYOUTS
 
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -355,7 +357,7 @@ def evaluate_probe(
 ) -> None:
     """Does the model read its reference? Cells recovered at high noise with the right, a wrong and no reference."""
     from .default_model import default_model_path
-    from .eval.probe import main as probe_main
+    from .sprites.probe import main as probe_main
 
     argv = [model or str(default_model_path()), "--n", str(n), "--layouts", *(layout or ["same_layout", "random"])]
     if json_out is not None:

@@ -7,8 +7,6 @@ from a fresh clone. The recipe that made it is ``scripts/train_default_model.sh`
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import CustomShiftError
@@ -39,23 +37,3 @@ def load_default_pipeline(device: str | None = None):
 
     pipe = CustomShiftPipeline.from_pretrained(default_model_path())
     return pipe.to(device) if device else pipe
-
-
-def domain_note(subjects: Iterable[str], prompts: Iterable[str]) -> str | None:
-    """One line when a subject or prompt is outside the sprite domain the default model was trained on.
-
-    A newcomer's first ``customshift generate --reference dog.jpg --subject dog --prompt "a dog on the beach"``
-    (no ``--model``) otherwise silently makes a 64 x 64 sprite picture.
-    """
-    from .synthetic import BACKGROUND_NAMES, CLASS_NAMES, HORIZONTAL_NAMES, SIZE_NAMES, VERTICAL_NAMES
-
-    known = {*CLASS_NAMES, *BACKGROUND_NAMES, *HORIZONTAL_NAMES, *SIZE_NAMES, *VERTICAL_NAMES,
-             "a", "an", "the", "on", "background"}
-    subjects = sorted({s for s in subjects if s.strip().lower() not in CLASS_NAMES})
-    words = sorted({w for p in prompts for w in re.findall(r"[a-z]+", p.lower()) if w not in known})
-    if not subjects and not words:
-        return None
-    outside = f"subject {subjects[0]!r}" if subjects else f"prompt word {words[0]!r}"
-    return (f"note: no --model given, so the built-in 64x64 sprite model is used; {outside} is outside its domain "
-            f"(subjects {'/'.join(CLASS_NAMES)}, prompts like 'a small robot on a pink background, top left'). "
-            "For photos pass --model stabilityai/stable-diffusion-3-medium-diffusers (or a local SD3 folder).")

@@ -18,12 +18,12 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, TypeAlias
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError
 
@@ -36,6 +36,7 @@ __all__ = [
     "ImageSource",
     "load_image",
     "load_images",
+    "make_grid",
     "prepare_reference",
 ]
 
@@ -418,3 +419,46 @@ def _corrupt_message(name: str, exc: BaseException) -> str:
         f"cannot load image {name}: corrupt or unsupported image data ({detail}); "
         "re-export it as PNG or JPEG"
     )
+
+
+def _rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) image or a PIL image, got {array.dtype} {array.shape}")
+    return array
+
+
+def make_grid(
+    rows: Sequence[Sequence[np.ndarray | Image.Image]],
+    labels: Sequence[str] | None = None,
+    scale: int = 2,
+    pad: int = 2,
+) -> Image.Image:
+    """Images in a grid (e.g. reference | generated | target per row), upscaled by nearest neighbour.
+
+    ``labels`` are column titles drawn in a header strip. Short rows are padded with blank cells.
+    """
+    if not rows or not any(len(r) for r in rows):
+        raise ValueError("make_grid needs at least one image")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    imgs = [[_rgb_array(im) for im in row] for row in rows]
+    cell_h = max(im.shape[0] for row in imgs for im in row) * scale
+    cell_w = max(im.shape[1] for row in imgs for im in row) * scale
+    n_cols = max(max(len(row) for row in imgs), len(labels) if labels else 0)
+    header = 14 if labels else 0
+    width = n_cols * cell_w + (n_cols + 1) * pad
+    height = header + len(imgs) * cell_h + (len(imgs) + 1) * pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    if labels:
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default()
+        for j, text in enumerate(labels):
+            draw.text((pad + j * (cell_w + pad) + 2, 1), str(text), fill=(0, 0, 0), font=font)
+    for i, row in enumerate(imgs):
+        for j, im in enumerate(row):
+            tile = Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (cell_w + pad), header + pad + i * (cell_h + pad)))
+    return canvas

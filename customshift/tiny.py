@@ -210,31 +210,3 @@ def build_tiny_pipeline(variant: Literal["sd3", "sd35"] = "sd3", seed: int = 0, 
     from .pipeline import CustomShiftPipeline
 
     return CustomShiftPipeline(**build_tiny_components(variant, seed, **kwargs))
-
-
-# The default model's shape: 64 x 64 sprites, a 4x VAE (16 x 16 x 4 latents), patch 1 (256 tokens, one per
-# 4-px sprite cell), a transformer narrow enough to train on a CPU (docs/default-model.md).
-DEFAULT_MODEL_SHAPE = {
-    "sample_size": 16,
-    "patch_size": 1,
-    "num_layers": 6,
-    "heads": 3,
-    "head_dim": 64,
-    "latent_channels": 4,
-    "vae_channels": (32, 32, 64),
-}
-
-
-def build_sprite_pipeline(vae_folder: str | None = None, seed: int = 0, **overrides):
-    """The untrained default-model pipeline: random transformer and text encoders, the sprite VAE.
-
-    ``vae_folder`` is the stage-1 VAE (``customshift.training.vae``); without it the VAE is random too.
-    """
-    from .pipeline import CustomShiftPipeline
-
-    components = build_tiny_components("sd3", seed, **{**DEFAULT_MODEL_SHAPE, **overrides})
-    if vae_folder is not None:
-        from diffusers import AutoencoderKL
-
-        components["vae"] = AutoencoderKL.from_pretrained(vae_folder)
-    return CustomShiftPipeline(**components)

@@ -544,7 +544,7 @@ def write_examples(folder: str | Path, count: int = 4) -> list[list[Any]]:
     """Example rows (references, subject, prompt) from held-out synthetic subjects, one per class."""
     from PIL import Image
 
-    from .synthetic import evaluation_split
+    from .sprites.synthetic import evaluation_split
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from customshift import synthetic
-from customshift.eval.synthetic_eval import TRACKS, generate_pairs, track_pairs
+from customshift.sprites import synthetic
+from customshift.sprites.evaluate import TRACKS, generate_pairs, track_pairs
 from customshift.generate import load_pipeline
 from customshift.io import atomic_write_json
 

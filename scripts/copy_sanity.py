@@ -18,7 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from customshift import synthetic
+from customshift.sprites import synthetic
 from customshift.training.config import load_config
 from customshift.training.data import Group
 from customshift.training.trainer import Trainer

@@ -25,7 +25,7 @@ from customshift.io import atomic_write_json
 from customshift.training.trainer import find_checkpoint, load_pipeline_from_checkpoint
 
 DEFAULT_RECIPE = (
-    "scripts/train_default_model.sh (stage 1: customshift.training.vae; stage 2: configs/default-model-v2.yaml; "
+    "scripts/train_default_model.sh (stage 1: customshift.sprites.vae; stage 2: configs/default-model-v2.yaml; "
     "stage 3: configs/default-model-v3-gpu.yaml, one GPU; stage 4: configs/default-model-v3-stage4.yaml; "
     "stage 5: configs/default-model-v5-stage5.yaml; stage 6: configs/default-model-v6-cooldown.yaml)"
 )

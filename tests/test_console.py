@@ -9,7 +9,7 @@ import sys
 
 from conftest import random_image
 
-from customshift.default_model import domain_note
+from customshift.sprites.model import domain_note
 
 
 def test_the_domain_note_names_what_is_outside_the_sprite_domain():

@@ -48,8 +48,8 @@ def test_the_shipped_model_reads_its_reference():
     """Held-out subjects that keep their place: the right reference recovers far more cells than a wrong one."""
     import torch
 
-    from customshift import synthetic
-    from customshift.eval.probe import colour_recovery
+    from customshift.sprites import synthetic
+    from customshift.sprites.probe import colour_recovery
 
     torch.manual_seed(0)
     pairs = synthetic.evaluation_split(n=8, layout="same_layout")
@@ -66,7 +66,7 @@ def test_compare_models_scores_the_same_pairs_as_evaluate_synthetic(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from compare_models import compare
 
-    from customshift.eval.synthetic_eval import evaluate_synthetic
+    from customshift.sprites.evaluate import evaluate_synthetic
 
     model = str(DEFAULT_MODEL_DIR)
     report = compare(model, model, n=3, tracks=["clean"], steps=2, guidance_scale=2.0, seed=0)["clean"]

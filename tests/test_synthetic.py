@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customshift import synthetic as S
+from customshift.sprites import synthetic as S
 from customshift.errors import PromptError
 
 

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from customshift import synthetic as S
+from customshift.sprites import synthetic as S
 
 
 def _digest(pairs) -> str:
@@ -122,7 +122,7 @@ def test_region_assignment_follows_the_requested_positions():
 
 
 def test_training_stream_draws_the_version_two_distribution():
-    from customshift.training.data import SyntheticSource
+    from customshift.sprites.data import SyntheticSource
 
     source = SyntheticSource(3, 2, {"clean": 0.5, "distractor": 0.5}, "random", (), 8, {"grid": 0.3, "free": 0.7},
                              "any")
@@ -164,7 +164,7 @@ def test_evaluate_synthetic_reports_version_two_tracks_with_the_touching_breakdo
 
 
 def test_two_subject_track_and_demo_run_both_subjects_through_the_method(tiny_folder, tmp_path):
-    from customshift.eval.synthetic_eval import demo_grid, evaluate_synthetic
+    from customshift.sprites.evaluate import demo_grid, evaluate_synthetic
     from customshift.pipeline import CustomShiftPipeline
 
     pipe = CustomShiftPipeline.from_pretrained(tiny_folder)

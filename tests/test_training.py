@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from customshift.errors import ManifestError
+from customshift.sprites.data import SyntheticSource
 from customshift.training.config import ConfigError, load_config
 from customshift.training.data import (
     GroupLoader,
     ItemOrder,
     ManifestSource,
     Subjects200KSource,
-    SyntheticSource,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import json
 
 from diffusers import AutoencoderKL
 
-from customshift.training.vae import train_vae
+from customshift.sprites.vae import train_vae
 
 
 def test_vae_trains_calibrates_and_resumes(tmp_path):

@@ -24,6 +24,7 @@ from pydantic import (
     Strict,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from ..config import CustomShiftConfig
@@ -86,25 +87,14 @@ Fraction = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1, allow_in
 Weights = dict[Str, Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)]]
 
 
-def _choices(kind: str) -> tuple[str, ...]:
-    from .. import synthetic
-
-    return {"track": synthetic.TRAINING_TRACKS, "layout": synthetic.LAYOUTS, "placement": synthetic.PLACEMENTS}[kind]
+# A domain choice: one name, or ``{name: weight}`` drawn per item; the names are the data source's to check.
+Named = Annotated[Str | Weights, AfterValidator(lambda v: _positive_weights(v))]
 
 
-def _named(kind: str) -> Any:
-    """A synthetic-domain choice: one name, or ``{name: weight}`` drawn per item."""
-    def check(value: str | dict[str, float]) -> str | dict[str, float]:
-        names = [value] if isinstance(value, str) else list(value)
-        allowed = _choices(kind)
-        bad = [n for n in names if n not in allowed]
-        if bad or not names:
-            raise ValueError(f"unknown {kind} {bad or names!r}; expected names from {list(allowed)}")
-        if isinstance(value, dict) and sum(value.values()) <= 0:
-            raise ValueError("the weights must not all be 0")
-        return value
-
-    return Annotated[Str | Weights, AfterValidator(check)]
+def _positive_weights(value: str | dict[str, float]) -> str | dict[str, float]:
+    if isinstance(value, dict) and (not value or sum(value.values()) <= 0):
+        raise ValueError("the weights must not all be 0")
+    return value
 
 
 class Section(BaseModel):
@@ -121,9 +111,9 @@ class ModelConfig(Section):
     """Which base model, and which CustomShift adapter to build on it.
 
     ``pretrained``: ``tiny`` / ``tiny:sd3`` / ``tiny:sd35`` (offline random tiny model, ``tiny`` holds
-    keyword arguments of `customshift.tiny.build_tiny_components`), ``sprite`` (the project's default
-    sprite-domain model, `customshift.tiny.build_sprite_pipeline`, with the stage-1 VAE folder ``vae``
-    and ``tiny`` as shape overrides), a local diffusers folder, or a hub id. ``customshift``: fields
+    keyword arguments of `customshift.tiny.build_tiny_components`), a registered model (customshift/plugins.py:
+    ``sprite`` is the default model's untrained shape, customshift/sprites/model.py, with the stage-1 VAE
+    folder ``vae`` and ``tiny`` as shape overrides), a local diffusers folder, or a hub id. ``customshift``: fields
     of `CustomShiftConfig` (``lora_rank``, ``generation_lora_rank``, ``beta_init``, ...), only those that
     differ from its defaults. ``customshift_weights``: start the adapter from saved CustomShift weights (a
     folder written by ``save_customshift``, e.g. a run's ``final/customshift``) instead of a fresh one; their
@@ -174,8 +164,9 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where training pairs come from.
 
-    ``kind``: ``synthetic`` (endless sprite pairs), ``manifest`` (JSONL of local files) or
-    ``subjects200k`` (parquet: a file, a folder of them, or a glob). ``batch_size`` counts
+    ``kind``: ``manifest`` (JSONL of local files), ``subjects200k`` (parquet: a file, a folder of them, or a
+    glob), or a plugged-in source (customshift/plugins.py): ``synthetic`` (endless sprite pairs,
+    customshift/sprites/data.py) or a user's ``package.module:Class``. ``batch_size`` counts
     references per process and micro-step; each reference has ``targets_per_reference`` targets
     (synthetic; the others have one target per reference). ``curriculum`` (synthetic): a list of
     ``{until_step: N, layout: ..., track: ...}`` stages, the first whose ``until_step`` is above the
@@ -186,7 +177,7 @@ class DataConfig(Section):
     ``placement`` / ``distractor_offsets``: docs/synthetic.md's version-2 generator (``grid`` is version 1's).
     """
 
-    kind: Literal["synthetic", "manifest", "subjects200k"] = "synthetic"
+    kind: Str = "synthetic"
     path: Str | None = None
     resolution: PosInt | None = None
     batch_size: PosInt = 4
@@ -196,34 +187,30 @@ class DataConfig(Section):
     max_sequence_length: Annotated[int, Strict(), Field(ge=1, le=512)] = 77
     max_skip_fraction: Annotated[float, BeforeValidator(_number), Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
     prompt_cache_size: NonNegInt = 0
-    # synthetic
-    track: _named("track") = "clean"  # type: ignore[valid-type]
-    layout: _named("layout") = "random"  # type: ignore[valid-type]
-    curriculum: list[dict[Str, Any]] = Field(default_factory=list)
-    placement: _named("placement") = "grid"  # type: ignore[valid-type]
-    distractor_offsets: Literal["grid", "any"] = "grid"
+    # synthetic (names checked by the source: customshift/sprites/data.py)
+    track: Named = "clean"
+    layout: Named = "random"
+    curriculum: list[Any] = Field(default_factory=list)
+    placement: Named = "grid"
+    distractor_offsets: Str = "grid"
     # subjects200k
     padding: NonNegInt = 8
     min_quality: NonNegInt = 0
     collections: list[Str] = Field(default_factory=list)
 
-    @field_validator("curriculum")
-    @classmethod
-    def _stages(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, stage in enumerate(value):
-            if "until_step" not in stage:
-                raise ValueError(f"stage {i} must be a mapping with until_step (and layout/track)")
-            unknown = set(stage) - {"until_step", "layout", "track"}
-            if unknown:
-                raise ValueError(f"stage {i}: unknown keys {sorted(unknown)}; use until_step, layout, track")
-            if isinstance(stage["until_step"], bool) or not isinstance(stage["until_step"], int):
-                raise ValueError(f"stage {i}: until_step must be an integer")
-            for kind in ("track", "layout"):
-                if kind in stage:
-                    names = [stage[kind]] if isinstance(stage[kind], str) else list(stage[kind])
-                    if any(n not in _choices(kind) for n in names):
-                        raise ValueError(f"stage {i}: unknown {kind} {names!r}; expected {list(_choices(kind))}")
-        return value
+    @model_validator(mode="after")
+    def _source_options(self) -> DataConfig:
+        """A plugged-in source checks its own options here, so a bad name fails before any model is loaded."""
+        from .data import BUILT_IN_KINDS, source_class
+
+        if self.kind not in BUILT_IN_KINDS:
+            try:
+                check = getattr(source_class(self.kind), "check_config", None)
+                if check is not None:
+                    check(self)
+            except ValueError as error:
+                raise ValueError(f"{_WHOLE}{error}") from None
+        return self
 
 
 class TrainConfig(Section):
@@ -337,16 +324,21 @@ class TrainingConfig(Section):
 
     def validate_combination(self) -> None:
         """Cross-field checks, so that a bad combination fails before the model is loaded."""
+        from ..plugins import is_registered, names
+        from .data import BUILT_IN_KINDS, source_class
+
         d, t = self.data, self.train
         cs = self.customshift_config()
         if t.prompt_dropout + t.reference_dropout + t.both_dropout > 1:
             raise ConfigError("train.prompt_dropout + train.reference_dropout + train.both_dropout must be at most 1")
         if d.kind in ("manifest", "subjects200k") and not d.path:
             raise ConfigError(f"data.path is required for data.kind={d.kind!r}")
-        if d.kind != "synthetic" and d.targets_per_reference != 1:
-            raise ConfigError("data.targets_per_reference applies to data.kind=synthetic only; set it to 1")
-        if self.model.vae is not None and self.model.pretrained != "sprite":
-            raise ConfigError("model.vae applies to model.pretrained=sprite only")
+        if d.targets_per_reference != 1 and (d.kind in BUILT_IN_KINDS
+                                             or not getattr(source_class(d.kind), "several_targets", False)):
+            raise ConfigError(f"data.targets_per_reference: data.kind={d.kind} has one target per reference; "
+                              "set it to 1")
+        if self.model.vae is not None and not is_registered("models", self.model.pretrained):
+            raise ConfigError(f"model.vae applies to a registered model ({', '.join(names('models'))}) only")
         if self.mode == "base" and t.trainable == "adapter" and cs.generation_lora_rank == 0:
             raise ConfigError(
                 "mode=base trains no reference branch: use train.trainable=full, or set "

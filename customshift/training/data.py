@@ -8,9 +8,8 @@ not bad luck, and stops with a clear message.
 
 Sources:
 
-* `SyntheticSource`: the sprite domain, endless; item ``i`` is a group of ``targets_per_reference``
-  targets sharing one reference, drawn from a generator seeded by ``(seed, i)``; the curriculum stage
-  is a function of the step the item is consumed at, itself a function of ``i``.
+* a plugged-in source (customshift/plugins.py): ``data.kind: synthetic`` is the sprite domain's
+  (customshift/sprites/data.py), endless; a user's own is named by entry point or ``module:Class``.
 * `ManifestSource`: a JSONL file, one ``{"reference", "target", "caption", "subject"}`` object per line;
   relative paths are resolved against the manifest's folder.
 * `Subjects200KSource`: Subjects200K parquet files (side-by-side pair images, 16 px of padding
@@ -47,7 +46,6 @@ __all__ = [
     "ManifestSource",
     "SkipItem",
     "Subjects200KSource",
-    "SyntheticSource",
     "build_source",
 ]
 
@@ -75,107 +73,6 @@ class Group:
     origin: str
     pairs: list[Any] | None = field(default=None, repr=False)  # synthetic Pairs, for exact metrics
     second: tuple[Image.Image, str] | None = None  # a second subject (reference, name) in the same targets
-
-
-# ----------------------------------------------------------------------------------------------------
-# Synthetic
-
-
-def _draw_weighted(rng: np.random.Generator, spec: str | Mapping[str, float]) -> str:
-    if isinstance(spec, str):
-        return spec
-    names = list(spec)
-    weights = np.array([float(spec[n]) for n in names])
-    if not names or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {dict(spec)}")
-    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
-
-
-class SyntheticSource:
-    """Endless sprite groups; item ``i`` is a pure function of ``(seed, i)`` and the curriculum.
-
-    ``items_per_step`` (references per optimizer step over all processes) turns an item index into
-    the step it is consumed at, so the staged curriculum is reproducible on resume.
-    """
-
-    length: int | None = None
-
-    def __init__(
-        self,
-        seed: int,
-        targets_per_reference: int = 1,
-        track: str | Mapping[str, float] = "clean",
-        layout: str | Mapping[str, float] = "random",
-        curriculum: Sequence[Mapping[str, Any]] = (),
-        items_per_step: int = 1,
-        placement: str | Mapping[str, float] = "grid",
-        distractor_offsets: str = "grid",
-    ) -> None:
-        from .. import synthetic
-
-        self.seed = int(seed)
-        self.targets_per_reference = int(targets_per_reference)
-        self.track = track
-        self.layout = layout
-        self.curriculum = sorted((dict(s) for s in curriculum), key=lambda s: int(s["until_step"]))
-        self.items_per_step = max(1, int(items_per_step))
-        self.placement = placement
-        self.distractor_offsets = distractor_offsets
-        if distractor_offsets not in synthetic.DISTRACTOR_OFFSETS:
-            raise ValueError(f"data.distractor_offsets: unknown value {distractor_offsets!r}; expected one of "
-                             f"{list(synthetic.DISTRACTOR_OFFSETS)}")
-        names = [placement] if isinstance(placement, str) else list(placement)
-        if [n for n in names if n not in synthetic.PLACEMENTS]:
-            raise ValueError(f"data.placement: unknown placement in {names}; expected names from "
-                             f"{list(synthetic.PLACEMENTS)}")
-        for spec, allowed, what in ((track, synthetic.TRAINING_TRACKS, "track"),
-                                    (layout, synthetic.LAYOUTS, "layout")):
-            specs = [spec] + [s[what] for s in self.curriculum if what in s]
-            for one in specs:
-                names = [one] if isinstance(one, str) else list(one)
-                bad = [n for n in names if n not in allowed]
-                if bad:
-                    raise ValueError(f"data.{what}: unknown {what} {bad}; expected names from {list(allowed)}")
-
-    def stage(self, step: int) -> tuple[str | Mapping[str, float], str | Mapping[str, float]]:
-        """(track, layout) spec at ``step``: the first stage with ``until_step > step``, else the defaults."""
-        for stage in self.curriculum:
-            if step < int(stage["until_step"]):
-                return stage.get("track", self.track), stage.get("layout", self.layout)
-        return self.track, self.layout
-
-    def get(self, index: int) -> Group:
-        from .. import synthetic
-
-        track_spec, layout_spec = self.stage(index // self.items_per_step)
-        rng = np.random.default_rng([synthetic.SPEC_SEED, 3, self.seed, int(index)])
-        track = _draw_weighted(rng, track_spec)
-        layout = _draw_weighted(rng, layout_spec)
-        # "grid" draws nothing, so version-1 configs keep their exact item streams.
-        placement = "grid" if self.placement == "grid" else _draw_weighted(rng, self.placement)
-        if track == "two_subject":
-            pairs = synthetic.sample_two_subject_group(rng, self.targets_per_reference, placement=placement)
-            first = pairs[0]
-            return Group(reference=load_image(first.references[0]), subject=first.subject_names[0],
-                         targets=[load_image(p.target) for p in pairs], prompts=[p.prompt for p in pairs],
-                         origin=f"synthetic item {index}", pairs=list(pairs),
-                         second=(load_image(first.references[1]), first.subject_names[1]))
-        pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout,
-                                       placement=placement, distractor_offsets=self.distractor_offsets)
-        return group_from_pairs(pairs, f"synthetic item {index}")
-
-
-def group_from_pairs(pairs: Sequence[Any], origin: str) -> Group:
-    """A Group from synthetic Pairs that share one reference."""
-    first = pairs[0]
-    return Group(
-        reference=load_image(first.reference),
-        subject=first.subject_name,
-        targets=[load_image(p.target) for p in pairs],
-        prompts=[p.prompt for p in pairs],
-        origin=origin,
-        pairs=list(pairs),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -544,14 +441,26 @@ def _summary(counts: Mapping[str, int]) -> str:
 
 def build_source(data: Any, seed: int, items_per_step: int) -> tuple[Any, ItemOrder]:
     """The source and item order described by a `DataConfig`."""
-    if data.kind == "synthetic":
-        source = SyntheticSource(seed, data.targets_per_reference, data.track, data.layout, data.curriculum,
-                                 items_per_step, data.placement, data.distractor_offsets)
-        return source, ItemOrder(None, seed)
     if data.kind == "manifest":
         source = ManifestSource(data.path)
         return source, ItemOrder(source.length, seed, data.shuffle)
     if data.kind == "subjects200k":
         source = Subjects200KSource(data.path, data.padding, data.min_quality, data.collections)
         return source, ItemOrder(source.length, seed, data.shuffle, blocks=source.blocks)
-    raise ValueError(f"unknown data.kind {data.kind!r}")
+    source = source_class(data.kind).from_config(data, seed, items_per_step)
+    return source, ItemOrder(source.length, seed, getattr(data, "shuffle", True))
+
+
+BUILT_IN_KINDS = ("manifest", "subjects200k")
+
+
+def source_class(kind: str) -> Any:
+    """A plugged-in source class (customshift/plugins.py): ``from_config(data, seed, items_per_step)``,
+    ``get(i)``, ``length`` (None: endless); optionally ``several_targets`` and the validation hooks of
+    customshift/training/validation.py."""
+    from ..plugins import load
+
+    try:
+        return load("data", kind, dotted=True)
+    except LookupError as error:
+        raise ValueError(f"data.kind: {error} (built in: {', '.join(BUILT_IN_KINDS)})") from None

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..plugins import is_registered, load
 from .config import ConfigError, TrainingConfig
 
 logger = logging.getLogger("customshift.training.model")
@@ -20,7 +21,7 @@ GENERATION_ADAPTER = "generation"
 
 
 def build_pipeline(config: TrainingConfig) -> Any:
-    """The base pipeline of a run (tiny offline model, local folder or hub id), fp32 on CPU."""
+    """The base pipeline of a run (tiny offline model, registered model, local folder or hub id), fp32 on CPU."""
     model = config.model
     name = model.pretrained
     if name == "tiny" or name.startswith("tiny:"):
@@ -28,13 +29,11 @@ def build_pipeline(config: TrainingConfig) -> Any:
 
         variant = name.split(":", 1)[1] if ":" in name else "sd3"
         return build_tiny_pipeline(variant, **model.tiny)
-    if name == "sprite":
-        from ..tiny import build_sprite_pipeline
-
+    if is_registered("models", name):  # e.g. ``sprite``: customshift/sprites/model.py
         if model.vae is not None and not Path(model.vae).expanduser().is_dir():
             raise ConfigError(f"model.vae={model.vae!r} is not a folder; train one with "
                               "customshift train-vae --out FOLDER")
-        return build_sprite_pipeline(model.vae, **model.tiny)
+        return load("models", name)(model.vae, **model.tiny)
     from ..pipeline import CustomShiftPipeline
 
     kwargs: dict[str, Any] = {}

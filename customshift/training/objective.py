@@ -20,6 +20,10 @@ from .config import TrainConfig
 
 __all__ = ["Objective", "SigmaSampler", "condition_dropout", "foreground_weights"]
 
+# Max-channel difference from the border colour that makes a pixel foreground: the sprite metric's threshold
+# (FAR_THRESHOLD in customshift/sprites/synthetic.py), which separates every sprite colour from every background.
+FOREGROUND_THRESHOLD = 40
+
 
 class Objective(nn.Module):
     """The loss as one module, so that DDP / FSDP / DeepSpeed see every trained parameter in one forward."""
@@ -121,11 +125,10 @@ def foreground_weights(images: Sequence[Any], resolution: int, size: tuple[int, 
     Images are resized and cropped to ``resolution`` as the trainer's latents are, so the mask lines up.
     """
     from ..images import prepare_reference
-    from ..synthetic import FAR_THRESHOLD
 
     arr = np.stack([np.asarray(prepare_reference(image, resolution, resolution).convert("RGB"), dtype=np.int16)
                     for image in images])  # (N, H, W, 3), all images at once
     border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=1)  # (N, 4 sides, 3)
-    far = np.abs(arr - np.median(border, axis=1)[:, None, None]).max(axis=3) > FAR_THRESHOLD
+    far = np.abs(arr - np.median(border, axis=1)[:, None, None]).max(axis=3) > FOREGROUND_THRESHOLD
     mask = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(far).float()[:, None], tuple(size))
     return 1.0 + (float(weight) - 1.0) * mask

@@ -1,4 +1,5 @@
-"""Validation during training: a sample grid and, on the synthetic domain, exact metrics, with the EMA weights."""
+"""Validation during training: a sample grid and, where the data source scores images (the sprite domain), exact
+metrics, with the EMA weights."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..images import make_grid
 from ..io import atomic_save_image
-from .data import group_from_pairs
 
 logger = logging.getLogger("customshift.training.validation")
 
@@ -31,15 +32,12 @@ class Validator:
         self._groups: list[Any] | None = None
 
     def groups(self) -> list[Any]:
-        """Fixed validation groups: held-out synthetic pairs, or the first usable items of the data."""
+        """Fixed validation groups: the source's held-out ones where it has them, else its first usable items."""
         if self._groups is None:
             tr = self.trainer
             v = tr.config.validation
-            if tr.config.data.kind == "synthetic":
-                from ..synthetic import evaluation_split
-
-                pairs = evaluation_split(max(v.num_pairs, 2), track=v.track, seed=v.seed)[: v.num_pairs]
-                self._groups = [group_from_pairs([p], f"evaluation pair {i}") for i, p in enumerate(pairs)]
+            if hasattr(tr.source, "validation_groups"):
+                self._groups = tr.source.validation_groups(v.num_pairs, v.track, v.seed)
             else:
                 groups, index = [], 0
                 while len(groups) < v.num_pairs and index < tr.source.length:
@@ -70,16 +68,14 @@ class Validator:
     def _validate(self, pipe: Any) -> dict[str, Any] | None:
         from PIL import Image
 
-        from ..synthetic import make_grid, score, wrong_references
-
         tr = self.trainer
         v = tr.config.validation
         groups = self.groups()
         if not groups:
             return None
-        synthetic = groups[0].pairs is not None
-        wrong = tr.use_reference and synthetic and v.wrong_reference and len(groups) >= 2
-        wrong_refs = wrong_references([g.pairs[0] for g in groups]) if wrong else None
+        scored = hasattr(tr.source, "score")
+        wrong = tr.use_reference and hasattr(tr.source, "wrong_references") and v.wrong_reference and len(groups) >= 2
+        wrong_refs = tr.source.wrong_references(groups) if wrong else None
         rows, generated, generated_wrong = [], [], []
         was_training = pipe.transformer.training
         pipe.transformer.eval()
@@ -105,12 +101,10 @@ class Validator:
         grid = make_grid(rows, labels=labels, scale=max(1, 128 // max(rows[0][0].shape[:2])))
         atomic_save_image(grid, tr.output_dir / "validation" / f"step-{tr.step:07d}.png")
         metrics: dict[str, Any] = {"step": tr.step}
-        if synthetic:
-            pairs = [g.pairs[0] for g in groups]
-            result = score(generated, pairs)
-            metrics.update({k: round(result[k], 4) for k in ("identity", "prompt_accuracy", "psnr")})
+        if scored:
+            metrics.update({k: round(value, 4) for k, value in tr.source.score(generated, groups).items()})
             if generated_wrong:
-                metrics["identity_wrong_reference"] = round(score(generated_wrong, pairs)["identity"], 4)
+                metrics["identity_wrong_reference"] = round(tr.source.score(generated_wrong, groups)["identity"], 4)
             tr.accelerator.log({f"validation/{k}": val for k, val in metrics.items() if k != "step"}, step=tr.step)
             logger.info("validation at step %d: %s", tr.step, metrics)
         return metrics

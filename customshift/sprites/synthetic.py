@@ -24,9 +24,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from customshift.errors import PromptError
+from ..errors import PromptError
+from ..images import make_grid  # noqa: F401 - part of this module's API (grids of sprite pairs)
 
 # ----------------------------------------------------------------------------------------------
 # Constants of the spec
@@ -520,7 +521,8 @@ def sample_pair(
                         distractor_offsets=distractor_offsets)[0]
 
 
-def _draw_weighted(rng: np.random.Generator, spec: str | Mapping[str, float]) -> str:
+def draw_weighted(rng: np.random.Generator, spec: str | Mapping[str, float]) -> str:
+    """``spec`` itself when it is one name, else a name drawn with probability proportional to its weight."""
     if isinstance(spec, str):
         return spec
     names = list(spec)
@@ -557,9 +559,9 @@ class PairStream:
 
     def __next__(self) -> Pair:
         if not self._pending:
-            track = _draw_weighted(self._rng, self.track)
-            layout = _draw_weighted(self._rng, self.layout)
-            placement = "grid" if self.placement == "grid" else _draw_weighted(self._rng, self.placement)
+            track = draw_weighted(self._rng, self.track)
+            layout = draw_weighted(self._rng, self.layout)
+            placement = "grid" if self.placement == "grid" else draw_weighted(self._rng, self.placement)
             self._pending = sample_group(self._rng, self.targets_per_reference, track=track, layout=layout,
                                          placement=placement, distractor_offsets=self.distractor_offsets)
         return self._pending.pop(0)
@@ -986,42 +988,3 @@ def score_two_subjects(generated_images: Sequence[np.ndarray | Image.Image],
     out["n"] = len(pairs)
     out["per_sample"] = per
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Visualisation
-# ----------------------------------------------------------------------------------------------
-
-
-def make_grid(
-    rows: Sequence[Sequence[np.ndarray | Image.Image]],
-    labels: Sequence[str] | None = None,
-    scale: int = 2,
-    pad: int = 2,
-) -> Image.Image:
-    """Images in a grid (e.g. reference | generated | target per row), upscaled by nearest neighbour.
-
-    ``labels`` are column titles drawn in a header strip. Short rows are padded with blank cells.
-    """
-    if not rows or not any(len(r) for r in rows):
-        raise ValueError("make_grid needs at least one image")
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
-    imgs = [[_as_image(im) for im in row] for row in rows]
-    cell_h = max(im.shape[0] for row in imgs for im in row) * scale
-    cell_w = max(im.shape[1] for row in imgs for im in row) * scale
-    n_cols = max(max(len(row) for row in imgs), len(labels) if labels else 0)
-    header = 14 if labels else 0
-    width = n_cols * cell_w + (n_cols + 1) * pad
-    height = header + len(imgs) * cell_h + (len(imgs) + 1) * pad
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    if labels:
-        draw = ImageDraw.Draw(canvas)
-        font = ImageFont.load_default()
-        for j, text in enumerate(labels):
-            draw.text((pad + j * (cell_w + pad) + 2, 1), str(text), fill=(0, 0, 0), font=font)
-    for i, row in enumerate(imgs):
-        for j, im in enumerate(row):
-            tile = Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.NEAREST)
-            canvas.paste(tile, (pad + j * (cell_w + pad), header + pad + i * (cell_h + pad)))
-    return canvas

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import synthetic
 from ..attention import ReferenceSet, build_cads_state
+from . import synthetic
 
 SIGMAS = (0.5, 0.7, 0.85, 0.95)
 CONDITIONS = ("right", "wrong", "none")

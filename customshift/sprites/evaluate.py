@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import synthetic
 from ..io import atomic_save_image, atomic_write_json, atomic_write_text
+from . import synthetic
 
 SIZE = synthetic.CANVAS
 

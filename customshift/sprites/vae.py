@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import synthetic
 from ..io import atomic_path, atomic_write_json
+from . import synthetic
 
 
 def build_vae(channels: tuple[int, ...] = (32, 32, 64), latent_channels: int = 4):
@@ -133,7 +133,7 @@ def _calibrate(vae, model_dir: Path, latent_std: float, seed: int, samples: int 
 
 
 def main() -> None:
-    """``python -m customshift.training.vae ...``: an alias of ``customshift train-vae ...``."""
+    """``python -m customshift.sprites.vae ...``: an alias of ``customshift train-vae ...``."""
     import sys
 
     from ..cli import app
