@@ -253,25 +253,53 @@ def _check_inputs(path: Path, inputs: dict[str, Tensor], references: int) -> Non
 # The branch
 
 
-def _structural_copy(module: nn.Module) -> nn.Module:
-    """A copy of the module tree whose leaf modules are the original objects.
+Tied = list[tuple[nn.Module, nn.Module, frozenset[str]]]  # (copy, original, the original's persistent buffers)
 
-    Parameters therefore stay shared (also across ``.to(device)``, which converts leaves in place),
-    while containers — attention modules with their processors, blocks — are distinct, so an adapter
-    injected into the copy never appears in the original.
+
+def _structural_copy(module: nn.Module, tied: Tied) -> nn.Module:
+    """A copy of the module tree whose leaf modules are the original objects (so parameters are shared).
+
+    Containers (the root, blocks, attention modules with their processors, the patch embedding) are new
+    objects, so an adapter injected into the copy never appears in the original. Each is built through
+    nn.Module's own API: ``copy.copy`` for its plain attributes (config, processor, flags), then
+    ``nn.Module.__init__`` for fresh torch state (no children, tensors or hooks of its own: hooks on the
+    original, before or after, never run in the branch), then ``add_module`` / ``register_parameter`` /
+    ``register_buffer`` with the original's children and tensors. A container with tensors of its own
+    (SD3: ``pos_embed``'s table) is recorded in ``tied``: `ReferenceBranch` re-reads them at every forward,
+    since ``.to()`` and sharding replace an original's buffers by new tensors.
+
+    Why a copy and not a second peft adapter on the one transformer: tests/test_reference_branch_sharing.py
+    measures that peft's ``set_adapter`` drops the inactive adapter's ``requires_grad`` (the reference
+    LoRA gets no gradient at all) and that, with that undone, gradient checkpointing recomputes the
+    reference blocks in backward with the generation adapter active (a wrong reference-LoRA gradient).
     """
     if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
         # A LoRA of the generation branch (or a user's style LoRA) is not part of the reference branch.
-        return _structural_copy(module.get_base_layer())
-    if not module._modules:
+        return _structural_copy(module.get_base_layer(), tied)
+    children = list(module.named_children())
+    if not children:
         return module
     clone = copy.copy(module)
-    for attribute, value in vars(module).items():
-        if "hooks" in attribute and isinstance(value, dict):
-            setattr(clone, attribute, type(value)(value))  # hooks added to the original later stay there
-    clone._modules = {name: _structural_copy(child) if child is not None else None
-                      for name, child in module._modules.items()}
+    nn.Module.__init__(clone)
+    clone.training = module.training  # not .train(): that would recurse into the shared leaves
+    if "peft_config" in vars(clone):  # the transformer's adapters (generation, user) are not the branch's:
+        del clone.peft_config  # a shared dict would list the reference adapter in the original too
+    for name, child in children:
+        clone.add_module(name, _structural_copy(child, tied))
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        # Here, not at each forward: FSDP2's state_dict hooks reshard, so state_dict never runs during one.
+        persistent = frozenset(n for n, _ in module.named_buffers(recurse=False) if n in module.state_dict())
+        _retie(clone, module, persistent)
+        tied.append((clone, module, persistent))
     return clone
+
+
+def _retie(clone: nn.Module, source: nn.Module, persistent: frozenset[str]) -> None:
+    """Give ``clone`` the very tensors ``source`` holds itself (not its children's)."""
+    for name, parameter in source.named_parameters(recurse=False):
+        clone.register_parameter(name, parameter)
+    for name, buffer in source.named_buffers(recurse=False):
+        clone.register_buffer(name, buffer, persistent=name in persistent)
 
 
 def make_lora_config(config: CustomShiftConfig, rank: int):
@@ -296,13 +324,16 @@ class ReferenceBranch(nn.Module):
 
     ``forward`` returns the reference tokens' keys/values of every CADS processor, which the
     generation branch attends to through CADS. The shift parameters beta_l, gamma_l live here too,
-    so that everything CustomShift trains is in one module.
+    so that everything CustomShift trains is in one module. A copy rather than a second adapter on the
+    transformer, because that one gets a wrong gradient under gradient checkpointing (`_structural_copy`;
+    measured in tests/test_reference_branch_sharing.py, docs/training.md "The reference branch").
     """
 
     def __init__(self, transformer: nn.Module, config: CustomShiftConfig | None = None) -> None:
         super().__init__()
         self.config = config or CustomShiftConfig()
-        tree = _structural_copy(getattr(transformer, "_orig_mod", transformer))  # the module under torch.compile
+        tied: Tied = []
+        tree = _structural_copy(getattr(transformer, "_orig_mod", transformer), tied)  # the module under compile
         if self.config.reference_positions == "offset":
             tree.pos_embed.cropped_pos_embed = types.MethodType(_corner_pos_embed, tree.pos_embed)
         names = install_processors(tree)
@@ -312,6 +343,7 @@ class ReferenceBranch(nn.Module):
             lora = make_lora_config(self.config, self.config.lora_rank)
             inject_adapter_in_model(lora, tree, adapter_name=REFERENCE_ADAPTER)
         self.tree = tree
+        self._tied = tied  # a plain list: the originals are the transformer's, not submodules of the branch
         self.shift = ShiftParameters(names, self.config.beta_init, self.config.gamma_init)
 
     @property
@@ -382,6 +414,8 @@ class ReferenceBranch(nn.Module):
             subject_pooled: (B, P) pooled embedding of the subject phrase.
             subject_mask: (B, S) 1 for real subject tokens, 0 for padding.
         """
+        for clone, source, persistent in self._tied:
+            _retie(clone, source, persistent)
         if not self.config.subject_tokens_in_reference:
             subject_embeds = subject_embeds[:, :0]
             subject_mask = None
