@@ -665,18 +665,12 @@ def _components(mask: np.ndarray) -> np.ndarray:
 
 
 def find_sprite(img: np.ndarray | Image.Image) -> Box | None:
-    """(x0, y0, w, h) of the largest 4-connected region far (> FAR_THRESHOLD) from the border colour."""
-    arr = _as_image(img)
-    diff = np.abs(arr.astype(np.int64) - border_color(arr)).max(axis=2)
-    mask = diff > FAR_THRESHOLD
-    if not mask.any():
-        return None
-    labels = _components(mask)
-    ids, counts = np.unique(labels[mask], return_counts=True)
-    best = ids[int(np.argmax(counts))]  # ties: the region whose first pixel comes first
-    ys, xs = np.nonzero(labels == best)
-    x0, y0 = int(xs.min()), int(ys.min())
-    return x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1
+    """(x0, y0, w, h) of the largest 4-connected region far (> FAR_THRESHOLD) from the border colour.
+
+    Ties: the region whose first pixel comes first (`find_sprites`' order).
+    """
+    boxes = find_sprites(img, 1)
+    return boxes[0] if boxes else None
 
 
 def read_cells(img: np.ndarray | Image.Image, box: Box | None = None) -> np.ndarray | None:
