@@ -298,12 +298,25 @@ def serve(
     device: DeviceOpt = None,
     max_images_per_request: int = 4,
     max_upload_mb: float = 10.0,
+    max_upload_cache_mb: Annotated[float, typer.Option(
+        help="What the private upload folder may hold (uploads and cached outputs), oldest out first.")] = 1024.0,
 ) -> None:
     """Start the web UI (Gradio) on the default model or the given checkpoint."""
+    import math
+
+    from .checks import check_device
+
+    check_device(device)
+    if not 1 <= port <= 65535:
+        raise CustomShiftError(f"--port must be between 1 and 65535, got {port}")
+    for option, value in (("--max-images-per-request", max_images_per_request), ("--max-upload-mb", max_upload_mb),
+                          ("--max-upload-cache-mb", max_upload_cache_mb)):
+        if not math.isfinite(value) or value <= 0:
+            raise CustomShiftError(f"{option} must be a positive number, got {value:g}")
     from .webui import serve as run
 
     run(model, weights, host, port, device=device, max_images_per_request=max_images_per_request,
-        max_upload_mb=max_upload_mb)
+        max_upload_mb=max_upload_mb, max_upload_cache_mb=max_upload_cache_mb)
 
 
 @evaluate_app.command("synthetic")

@@ -905,6 +905,7 @@ def serve(
     max_side: int = 4096,
     cache_size: int = 16,
     max_queue: int = 16,
+    max_upload_cache_mb: float = 1024,
     block: bool = True,
 ) -> gr.Blocks:
     """``customshift serve``: load the model (see `load_pipeline`) and run the demo on host:port.
@@ -928,6 +929,7 @@ def serve(
         max_side=max_side,
         cache_size=cache_size,
         max_queue=max_queue,
+        max_upload_cache_mb=max_upload_cache_mb,
         notice=notice,
         model_name=name,
         default_steps=8 if notice == TINY_NOTICE else 28,
