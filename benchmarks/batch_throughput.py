@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
 
-    from customshift.sprites import synthetic
     from customshift.batching import BatchInvariant, generate_batch
     from customshift.generate import load_pipeline
+    from customshift.sprites import synthetic
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, None, "cpu")

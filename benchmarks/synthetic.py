@@ -102,8 +102,8 @@ def train_variant(name: str, args: argparse.Namespace) -> Path:
 
 
 def evaluate(pipe: Any, folder: Path, args: argparse.Namespace, use_reference: bool = True) -> dict[str, Any]:
-    from customshift.sprites.probe import colour_recovery
     from customshift.sprites.evaluate import evaluate_synthetic
+    from customshift.sprites.probe import colour_recovery
     from customshift.sprites.synthetic import evaluation_split
 
     start = time.perf_counter()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from customshift.sprites import synthetic
-from customshift.sprites.evaluate import TRACKS, generate_pairs, track_pairs
 from customshift.generate import load_pipeline
 from customshift.io import atomic_write_json
+from customshift.sprites import synthetic
+from customshift.sprites.evaluate import TRACKS, generate_pairs, track_pairs
 
 
 def standard_error(values: np.ndarray) -> float:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from customshift.sprites import synthetic
 from customshift.config import CustomShiftConfig
+from customshift.sprites import synthetic
 from customshift.sprites.probe import _cell_accuracy, colour_recovery, gate, probe_markdown
 
 
@@ -64,8 +64,8 @@ def test_cli_probe_prints_the_gate_and_writes_json(sprite_sized_folder, tmp_path
 
 def test_a_run_holding_only_its_final_export_loads_with_its_weights(sprite_sized_folder, tmp_path):
     """A run copied back from another machine keeps just ``final/{pipeline,customshift}``: the probe reads it."""
-    from customshift.sprites.probe import load_model
     from customshift.pipeline import CustomShiftPipeline
+    from customshift.sprites.probe import load_model
 
     pipe = CustomShiftPipeline.from_pretrained(sprite_sized_folder)
     pipe.set_customshift_config(CustomShiftConfig(lora_rank=2, cads_shift="mass", beta_init=-3.0))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customshift.sprites import synthetic as S
 from customshift.errors import PromptError
+from customshift.sprites import synthetic as S
 
 
 @pytest.fixture(scope="module")

@@ -164,8 +164,8 @@ def test_evaluate_synthetic_reports_version_two_tracks_with_the_touching_breakdo
 
 
 def test_two_subject_track_and_demo_run_both_subjects_through_the_method(tiny_folder, tmp_path):
-    from customshift.sprites.evaluate import demo_grid, evaluate_synthetic
     from customshift.pipeline import CustomShiftPipeline
+    from customshift.sprites.evaluate import demo_grid, evaluate_synthetic
 
     pipe = CustomShiftPipeline.from_pretrained(tiny_folder)
     summary = evaluate_synthetic(pipe, tmp_path, n=2, tracks=["two-subject-free"], steps=1)
