@@ -269,7 +269,8 @@ def cads_attention(
 
     Args:
         query, key, value: (B, H, N, d) for the joint [image; text] sequence (or image only).
-        ref_key, ref_value: (1 or B, H, R, d); expanded, never copied, to the batch. When they are stored in
+        ref_key, ref_value: (1, B / k or B, H, R, d); expanded to the batch (B / k rows: repeated over the k
+            guidance passes). When they are stored in
             a lower precision than the queries (a bf16 cache on a float32 model), the attention over them
             is computed in theirs. A list of them: several reference sets (subjects), each with its shift.
         shift: (B, N_image) shift beta_i of each image query (float32; -inf = no reference), or one per set.
@@ -280,8 +281,11 @@ def cads_attention(
     if isinstance(ref_key, Tensor):
         ref_key, ref_value, shift = [ref_key], [ref_value], [shift]
     batch, heads = query.shape[:2]
-    ref_key = [k.expand(batch, heads, -1, -1) for k in ref_key]
-    ref_value = [v.expand(batch, heads, -1, -1) for v in ref_value]
+    # One row per sample (per-sample references) is repeated over the guidance passes, which diffusers stacks.
+    ref_key = [k.expand(batch, heads, -1, -1) if k.shape[0] in (1, batch) else k.repeat(batch // k.shape[0], 1, 1, 1)
+               for k in ref_key]
+    ref_value = [v.expand(batch, heads, -1, -1) if v.shape[0] in (1, batch) else v.repeat(batch // v.shape[0], 1, 1, 1)
+                 for v in ref_value]
     num_text = query.shape[2] - num_image_tokens
     if text_queries_attend_reference and num_text:
         shift = [torch.cat([s, s.new_zeros(batch, num_text)], dim=1) for s in shift]

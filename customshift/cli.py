@@ -337,6 +337,8 @@ def evaluate_synthetic(
     layout: Annotated[str, typer.Option("--layout", help="random (the spec), same_size or same_layout.")] = "random",
     device: DeviceOpt = None,
     reference_dtype: ReferenceDtypeOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help=(
+        "Pairs per pipeline call, each with its own subject(s) and seed: faster, the same images."))] = 1,
 ) -> None:
     """Score a model on held-out synthetic subjects with the exact metrics (JSON, markdown, grid)."""
     from .generate import load_pipeline, parse_dtype
@@ -355,7 +357,7 @@ def evaluate_synthetic(
     pipe = load_pipeline(model, weights, device, "auto")
     summary = run(pipe, out, n=n, tracks=track or list(TRACKS), steps=steps, guidance_scale=guidance_scale,
                   reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, seed=seed,
-                  layout=layout, **extra)
+                  layout=layout, batch_size=batch_size, **extra)
     typer.echo((out / "summary.md").read_text() if (out / "summary.md").exists() else str(summary))
 
 

@@ -91,6 +91,44 @@ def _prompts(prompt: str | list[str] | None, prompt_embeds: Tensor | None) -> li
     return prompts
 
 
+def _subjects(subject: Any, recompute: bool) -> tuple[list[list[SubjectEmbedding]] | None, list[Any], list[Any]]:
+    """(one list per prompt or None, the subjects of one image, every embedding given) of ``__call__``'s
+    ``subject``: one embedding, a list (several subjects in each image) or a list of lists (per prompt)."""
+    if subject is None or isinstance(subject, SubjectEmbedding) or not len(subject) \
+            or isinstance(subject[0], SubjectEmbedding):
+        subjects = [] if subject is None else [subject] if isinstance(subject, SubjectEmbedding) else list(subject)
+        return None, subjects, subjects
+    lists = [[item] if isinstance(item, SubjectEmbedding) else list(item) for item in subject]
+    if len({len(items) for items in lists}) != 1 or not lists[0]:
+        raise PromptError("subjects per prompt: give every prompt the same number of subjects (at least one)")
+    if recompute:
+        raise PromptError("subjects per prompt use the cached keys/values: recompute_subject is not available")
+    return lists, lists[0], [e for items in lists for e in items]
+
+
+def _per_prompt_reference_sets(pipe: Any, lists: list[list[SubjectEmbedding]], scales: list[float],
+                               prompts: list[str], per_prompt: int, text_len: int) -> list[ReferenceSet]:
+    """One reference set per subject slot, each row holding its own prompt's subject (keys stacked by row)."""
+    if len(lists) != len(prompts):  # prompt_embeds instead of prompts: no names to place the subjects by
+        raise PromptError(f"{len(lists)} subject lists for {len(prompts)} prompts; give one list per text prompt")
+    rows = [(prompt, items) for prompt, items in zip(prompts, lists, strict=True) for _ in range(per_prompt)]
+    references = []
+    for slot, scale in enumerate(scales):
+        if scale <= 0:
+            continue
+        slot_items = [items[slot] for _, items in rows]
+        if len({tuple(next(iter(e.keys.values())).shape) for e in slot_items}) != 1:
+            raise PromptError("subjects per prompt: every prompt's subject in one slot needs references of the "
+                              "same size and count (their keys are stacked)")
+        references.append(ReferenceSet(
+            {n: torch.cat([e.keys[n] for e in slot_items]) for n in slot_items[0].keys},
+            {n: torch.cat([e.values[n] for e in slot_items]) for n in slot_items[0].values},
+            torch.full((len(rows),), math.log(scale)),
+            torch.cat([pipe.subject_token_weights([prompt], e.subject, text_len)
+                       for (prompt, _), e in zip(rows, slot_items, strict=True)])))
+    return references
+
+
 class CustomShiftPipeline(CustomShiftLoaderMixin, RuntimeMixin, ReferenceGuidanceMixin, StableDiffusion3Pipeline):
     """Subject-driven generation on any SD3-family checkpoint, tuning-free.
 
@@ -314,7 +352,7 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, RuntimeMixin, ReferenceGuidanc
         self,
         prompt: str | list[str] | None = None,
         *args: Any,
-        subject: SubjectEmbedding | Sequence[SubjectEmbedding] | None = None,
+        subject: SubjectEmbedding | Sequence[SubjectEmbedding] | Sequence[Sequence[SubjectEmbedding]] | None = None,
         shift_scale: float | Sequence[float] = 1.0,
         reference_guidance_scale: float = 0.0,
         recompute_subject: bool = False,
@@ -326,7 +364,9 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, RuntimeMixin, ReferenceGuidanc
             subject: a `SubjectEmbedding` from `encode_subject` (or `SubjectEmbedding.load`), or a list of
                 them for several subjects in one image, ``pipe(prompt, subject=[robot, tree])``: each
                 subject's features go where the prompt's tokens of its own name (``embedding.subject``)
-                attend; name every subject in the prompt ("a robot next to a tree"). None: plain SD3.
+                attend; name every subject in the prompt ("a robot next to a tree"). None: plain SD3. Or one
+                list per prompt, ``pipe([p1, p2], subject=[[robot], [tree]])``: each prompt its own subject(s)
+                in one batched call (the same number per prompt, references of the same size).
             shift_scale: multiplies the reference's attention weight (log(shift_scale) is added to the
                 shift): one float for every subject, or a list with one per subject. 0 turns that subject
                 off exactly (all 0: plain SD3); larger values keep more identity.
@@ -341,10 +381,10 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, RuntimeMixin, ReferenceGuidanc
         bound.apply_defaults()
         call = dict(bound.arguments)
         call.pop("self")
-        subjects = [] if subject is None else [subject] if isinstance(subject, SubjectEmbedding) else list(subject)
+        lists, subjects, every = _subjects(subject, recompute_subject)
         scales = _shift_scales(shift_scale, len(subjects))
         prompts = _prompts(call["prompt"], call["prompt_embeds"])
-        for item in subjects:
+        for item in every:
             self.check_subject(item)
         active = [(s, scale) for s, scale in zip(subjects, scales, strict=True) if scale > 0]
         if not active:
@@ -362,7 +402,7 @@ class CustomShiftPipeline(CustomShiftLoaderMixin, RuntimeMixin, ReferenceGuidanc
                          self.subject_token_weights(positive, item.subject, text_len) if prompts
                          else torch.zeros(rows, text_len))
             for item, scale in active
-        ]
+        ] if lists is None else _per_prompt_reference_sets(self, lists, scales, prompts, per_prompt, text_len)
         hook = self._recompute_hook([s for s, _ in active]) if recompute_subject else None
         try:
             if reference_guidance_scale == 0:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..io import atomic_save_image, atomic_write_json, atomic_write_text
 from . import synthetic
@@ -30,32 +29,36 @@ def generate_pairs(
     seed: int = 0,
     use_reference: bool = True,
     reference_dtype: str | None = None,
+    batch_size: int = 1,
 ) -> list[np.ndarray]:
     """One image per pair (uint8 64x64), from ``references`` (default: each pair's own reference).
 
     A two-subject pair's reference is a pair of images: both subjects go through the method
-    (``subject=[a, b]``, each with its own name).
+    (``subject=[a, b]``, each with its own name). ``batch_size`` pairs share one pipeline call, each with its
+    own subject(s) and seed, and give the same images as one at a time (customshift/batching.py).
     """
+    from ..batching import generate_batch
     from ..generate import parse_dtype
 
     kv_dtype = parse_dtype(reference_dtype, "reference_dtype")
     references = references if references is not None else [_references_of(p) for p in pairs]
     pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE,
+                reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, output_type="np")
     images = []
-    for index, (pair, reference) in enumerate(zip(pairs, references, strict=True)):
-        subject = None
+    for start in range(0, len(pairs), max(1, batch_size)):
+        chunk = list(zip(pairs[start:start + batch_size], references[start:start + batch_size], strict=True))
+        subjects = None
         if use_reference:
-            several = isinstance(reference, tuple | list)
-            names = pair.subject_names if several else [pair.subject_name]
-            subject = [pipe.encode_subject(ref, name, SIZE, SIZE, dtype=kv_dtype)
-                       for ref, name in zip(reference if several else [reference], names, strict=True)]
-            subject = subject if several else subject[0]
-        out = pipe(
-            prompt=pair.prompt, subject=subject, num_inference_steps=steps, guidance_scale=guidance_scale,
-            reference_guidance_scale=reference_guidance_scale, shift_scale=shift_scale, height=SIZE, width=SIZE,
-            generator=torch.Generator("cpu").manual_seed(seed + index), output_type="np",
-        ).images[0]
-        images.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+            subjects = []
+            for pair, reference in chunk:
+                several = isinstance(reference, tuple | list)
+                names = pair.subject_names if several else [pair.subject_name]
+                subjects.append([pipe.encode_subject(ref, name, SIZE, SIZE, dtype=kv_dtype)
+                                 for ref, name in zip(reference if several else [reference], names, strict=True)])
+        seeds = [seed + start + k for k in range(len(chunk))]
+        out = generate_batch(pipe, subjects, [pair.prompt for pair, _ in chunk], seeds, **call)
+        images += [(np.clip(image, 0, 1) * 255).round().astype(np.uint8) for image in out]
     return images
 
 
@@ -103,7 +106,8 @@ def _breakdown(scores: dict[str, Any], pairs: list) -> dict[str, Any]:
 
 def evaluate_track(pipe, name: str, *, n: int = 64, seed: int = 0, layout: str = "random",
                    **generation: Any) -> tuple[dict[str, Any], list, list[np.ndarray]]:
-    """Scores of one track with its wrong-reference control (each pair generated with reference k+1)."""
+    """Scores of one track with its wrong-reference control (each pair generated with reference k+1);
+    ``generation``: `generate_pairs`' settings."""
     pairs = track_pairs(name, n, layout)
     score = synthetic.score_two_subjects if TRACKS[name].get("two_subjects") else synthetic.score
     images = generate_pairs(pipe, pairs, seed=seed, **generation)
@@ -126,12 +130,14 @@ def evaluate_synthetic(
     seed: int = 0,
     grid_rows: int = 8,
     layout: str = "random",
+    batch_size: int = 1,
     **generation: Any,
 ) -> dict[str, Any]:
     """Score ``pipe`` on ``n`` held-out pairs per track; writes summary.json, summary.md and grids.
 
     ``tracks`` are names of ``TRACKS`` (default: all of them, both spec versions). ``layout`` is the spec's
     ``random`` (the subject moves and resizes) unless a diagnosis asks for ``same_size`` or ``same_layout``.
+    ``batch_size`` changes the speed only, never the images.
     """
     bad = [t for t in tracks if t not in TRACKS]
     if bad:
@@ -139,7 +145,8 @@ def evaluate_synthetic(
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"n": n, "seed": seed, "layout": layout, **{k: v for k, v in generation.items()}}
     for track in tracks:
-        summary[track], pairs, images = evaluate_track(pipe, track, n=n, seed=seed, layout=layout, **generation)
+        summary[track], pairs, images = evaluate_track(pipe, track, n=n, seed=seed, layout=layout,
+                                                       batch_size=batch_size, **generation)
         rows, labels = _grid_rows(pairs[:grid_rows], images)
         atomic_save_image(synthetic.make_grid(rows, labels=labels), out_dir / f"grid-{track}.png")
     atomic_write_json(out_dir / "summary.json", summary)
