@@ -108,7 +108,8 @@ def evaluate(pipe: Any, folder: Path, args: argparse.Namespace, use_reference: b
 
     start = time.perf_counter()
     summary = evaluate_synthetic(pipe, folder, n=args.n, tracks=args.tracks, steps=args.sampling_steps,
-                                 guidance_scale=args.guidance_scale, use_reference=use_reference)
+                                 guidance_scale=args.guidance_scale, use_reference=use_reference,
+                                 batch_size=args.batch_size)
     if use_reference:
         summary["probe"] = colour_recovery(pipe, evaluation_split(n=args.n, layout="random"), (0.85, 0.95))
     summary["seconds"] = time.perf_counter() - start
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training config overrides for every variant, e.g. train.mixed_precision=no")
     parser.add_argument("--runs", default="runs/synthetic-benchmark")
     parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="held-out pairs per call (the same images, faster)")
     parser.add_argument("--tracks", nargs="+", default=["clean", "distractor", "two-subject"],
                         help="evaluate-synthetic tracks (customshift.sprites.evaluate.TRACKS)")
     parser.add_argument("--sampling-steps", type=int, default=20)

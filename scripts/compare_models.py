@@ -27,7 +27,7 @@ def standard_error(values: np.ndarray) -> float:
 
 
 def compare(model_a: str, model_b: str, *, n: int, tracks: list[str], steps: int, guidance_scale: float,
-            seed: int) -> dict:
+            seed: int, batch_size: int = 8) -> dict:
     pipes = [load_pipeline(name, None, device="cpu") for name in (model_a, model_b)]  # loaded apart, even if equal
     report: dict = {"model_a": model_a, "model_b": model_b, "n": n, "steps": steps,
                     "guidance_scale": guidance_scale, "seed": seed}
@@ -35,7 +35,8 @@ def compare(model_a: str, model_b: str, *, n: int, tracks: list[str], steps: int
         pairs = track_pairs(track, n)
         score = synthetic.score_two_subjects if TRACKS[track].get("two_subjects") else synthetic.score
         a, b = (np.asarray(score(images, pairs)["per_sample"]["identity"], dtype=float)
-                for images in (generate_pairs(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed)
+                for images in (generate_pairs(pipe, pairs, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                              batch_size=batch_size)
                                for pipe in pipes))
         diff = b - a
         report[track] = {
@@ -61,10 +62,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per call (the same images, faster)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     report = compare(args.model_a, args.model_b, n=args.n, tracks=args.track or ["clean", "distractor"],
-                     steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
+                     steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size)
     if args.json:
         atomic_write_json(args.json, report)
 
