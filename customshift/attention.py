@@ -269,10 +269,10 @@ def cads_attention(
 
     Args:
         query, key, value: (B, H, N, d) for the joint [image; text] sequence (or image only).
-        ref_key, ref_value: (1, B / k or B, H, R, d); expanded to the batch (B / k rows: repeated over the k
-            guidance passes). When they are stored in
-            a lower precision than the queries (a bf16 cache on a float32 model), the attention over them
-            is computed in theirs. A list of them: several reference sets (subjects), each with its shift.
+        ref_key, ref_value: (1, B / k or B, H, R, d): one row is expanded to the batch, one row per sample is
+            repeated over the k guidance passes. When they are stored in a lower precision than the queries
+            (a bf16 cache on a float32 model), the attention over them is computed in theirs. A list of them:
+            several reference sets (subjects), each with its shift.
         shift: (B, N_image) shift beta_i of each image query (float32; -inf = no reference), or one per set.
         num_image_tokens: the image queries come first in the sequence.
         text_queries_attend_reference: text queries get logit shift 0 (plain union) instead of -inf.
