@@ -7,7 +7,11 @@ Three ways to make the same N images of one subject (N prompts, N seeds) on the 
   images, the batch-size-sensitive operators per sample, so the files equal one-at-a-time ones bit for bit;
 * ``batched, not invariant``: the same call without that (what identical files cost).
 
-Rounds rotate the order of the three; the table gives the median seconds per round, images per second,
+``--held-out``: instead, N held-out pairs of the clean track, each its own subject, through
+``customshift.sprites.evaluate.generate_pairs`` (what ``customshift evaluate synthetic --batch-size N`` runs)
+one at a time and N per call (per-prompt subjects), subject encoding included in both.
+
+Rounds rotate the order of the methods; the table gives the median seconds per round, images per second,
 and the speed-up over one at a time (ratio of medians and median of the per-round ratios).
 
     python benchmarks/batch_throughput.py --images 8 --rounds 3 --threads 2 \
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--held-out", action="store_true", help="N held-out pairs, each its own subject")
     args = parser.parse_args(argv)
 
     from customshift.batching import BatchInvariant, generate_batch
@@ -64,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         pipe(prompt=prompts, subject=subject, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **call)
 
     methods = {"one at a time": one_at_a_time, "batched": batched, "batched, not invariant": batched_plain}
+    if args.held_out:
+        from customshift.sprites.evaluate import generate_pairs
+
+        pairs = synthetic.evaluation_split(n=args.images, track="clean")
+        methods = {name: (lambda size=size: generate_pairs(pipe, pairs, steps=args.steps, seed=0, batch_size=size,
+                                                           guidance_scale=args.guidance_scale))
+                   for name, size in (("one at a time", 1), ("batched", args.images))}
     with BatchInvariant():  # warm-up, both code paths
         pipe(prompt=prompts[:2], subject=subject, generator=[torch.Generator().manual_seed(0)] * 2,
              **{**call, "num_inference_steps": 2})
@@ -86,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                       "speedup_paired": statistics.median([b / v for b, v in zip(base, values, strict=True)])}
     command = " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": f"python benchmarks/batch_throughput.py {command}",
-              "model": str(args.model or "default model"), "images": args.images, "rounds": args.rounds,
+              "model": str(args.model or "default model"), "held_out": args.held_out, "images": args.images,
+              "rounds": args.rounds,
               "steps": args.steps, "size": size, "threads": args.threads, "cpu": _cpu_name(),
               "torch": torch.__version__, "samples": samples, "rows": rows}
     table = markdown(result)
@@ -101,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['images']} images of one subject per round, {result['steps']} steps at {result['size']}², "
+    what = "held-out pairs, each its own subject," if result.get("held_out") else "images of one subject"
+    lines = [f"{result['images']} {what} per round, {result['steps']} steps at {result['size']}², "
              f"{result['rounds']} rounds interleaved; {result['cpu']}, {result['threads']} torch threads, "
              f"torch {result['torch']}.  ",
              f"Command: `{result['command']}`", "",
