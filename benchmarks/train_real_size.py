@@ -16,6 +16,7 @@ bf16 units use ``--dtype fp32`` (bf16 is emulated there, about 20x slower). scri
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import resource
@@ -122,10 +123,13 @@ def run(model: str, batch_size: int, gradient_checkpointing: bool, dtype: str, s
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
         losses.append(stats["loss"])
+        print(f"step {len(times)}: {times[-1]:.1f} s, loss {stats['loss']:.4f}", file=sys.stderr, flush=True)
     peak = peak_memory_gb(device)
     checkpoint = trainer.save_checkpoint("benchmark")
     trainer.close()
     trained = sum(p.numel() for p in trainer.trainable.values())
+    del trainer  # one model in memory at a time: SD3-medium in fp32 is 8 GB, the resumed trainer builds another
+    gc.collect()
     resumed = Trainer(config, resume=True, pipe=build_pipeline(model))
     resumed_at = resumed.step
     loss_after = resumed.train_step()["loss"]
