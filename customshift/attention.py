@@ -103,6 +103,8 @@ class CADSState:
         mass: image queries' shift is the log-odds of their reference mass (False: a logit shift).
         form: "split" or "mask".
         text_queries_attend_reference: whether text queries see the reference keys.
+        shift_record: when a list, every processor appends its shifts beta_ik (one (B, N_image) tensor per
+            reference set) in forward order; the trainer's routing loss reads them (customshift/training/objective.py).
     """
 
     references: list[ReferenceSet]
@@ -112,6 +114,7 @@ class CADSState:
     mass: bool = False
     form: str = "split"
     text_queries_attend_reference: bool = False
+    shift_record: list[list[Tensor]] | None = None
     _rows: dict[tuple[int, int], tuple[Tensor, Tensor | None, Tensor | None]] = field(
         default_factory=dict, init=False, repr=False)
 
@@ -411,6 +414,8 @@ class CADSAttnProcessor:
             image_query = query[:, :, :num_image]
             refs = customshift.references
             shifts = [_shift_logits(customshift, i, self.name, image_query, text_key) for i in range(len(refs))]
+            if customshift.shift_record is not None:
+                customshift.shift_record.append(shifts)
             keys, values = [r.keys[self.name] for r in refs], [r.values[self.name] for r in refs]
             if len(refs) == 1:
                 keys, values, shifts = keys[0], values[0], shifts[0]

@@ -68,3 +68,92 @@ def test_the_second_reference_set_is_read_and_trained(tiny_pipe, tmp_path):
         assert float(trainer.objective(batch)[0]) == pytest.approx(float(trainer.objective(one)[0]), rel=1e-5)
     metrics = trainer.train_step([groups])
     assert math.isfinite(metrics["loss"])
+
+
+def test_routing_masks_cover_each_subjects_box_in_token_space(tiny_pipe, tmp_path):
+    from customshift.sprites import synthetic
+
+    trainer = make_trainer(tiny_pipe, tmp_path, "data.track=two_subject", "train.routing_loss_weight=0.1")
+    groups = [trainer.loader.source.get(i) for i in range(2)]
+    batch = trainer.prepare_batch(groups, torch.Generator().manual_seed(0))
+    masks = batch["route_masks"]
+    patch = trainer.pipe.transformer.config.patch_size
+    side = batch["target_latents"].shape[-1] // patch
+    assert masks.shape == (sum(len(g.targets) for g in groups), 2, side * side)
+    row = 0
+    for group in groups:
+        for pair in group.pairs:
+            for k, context in enumerate(pair.target_contexts):
+                x0, y0, s = synthetic.sprite_box(context)
+                cell = synthetic.CANVAS / side  # a token's side in canvas pixels
+                starts = torch.arange(side) * cell
+                overlap_x = ((starts + cell).clamp(max=x0 + s) - starts.clamp(min=x0)).clamp(min=0) / cell
+                overlap_y = ((starts + cell).clamp(max=y0 + s) - starts.clamp(min=y0)).clamp(min=0) / cell
+                expected = (overlap_y[:, None] * overlap_x[None, :] >= 0.5).float()  # half a token's pixels
+                assert expected.sum() > 0
+                assert torch.equal(masks[row, k].view(side, side).cpu(), expected)
+            assert not bool((masks[row, 0] * masks[row, 1]).any())  # the two boxes are apart
+            row += 1
+
+
+def test_routing_loss_is_log2_at_no_preference_and_vanishes_when_each_region_routes_to_its_own():
+    from customshift.training.objective import routing_loss
+
+    masks = torch.zeros(2, 2, 6)
+    masks[:, 0, :2], masks[:, 1, 3:5] = 1, 1
+    valid = torch.tensor([True, True])
+    flat = [[torch.zeros(2, 6), torch.zeros(2, 6)]]
+    assert float(routing_loss(flat, masks, valid)) == pytest.approx(math.log(2))
+    routed = torch.zeros(2, 6)
+    routed[:, :2], routed[:, 3:5] = 30.0, -30.0  # beta_A - beta_B: large in A's region, negative in B's
+    assert float(routing_loss([[routed, torch.zeros(2, 6)]], masks, valid)) < 1e-10
+    assert float(routing_loss([[-routed, torch.zeros(2, 6)]], masks, valid)) == pytest.approx(30.0, rel=1e-6)
+    # rows that are not valid (a dropped reference or name) do not count, and -inf shifts give no NaN
+    off = [[torch.full((2, 6), -math.inf), torch.zeros(2, 6)]]
+    assert float(routing_loss(off, masks, torch.tensor([False, False]))) == 0.0
+    mixed = [[torch.stack([routed[0], torch.full((6,), -math.inf)]), torch.zeros(2, 6)]]
+    assert float(routing_loss(mixed, masks, torch.tensor([True, False]))) < 1e-10
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_routing_loss_trains_the_shift_and_the_queries_with_and_without_checkpointing(tiny_pipe, tmp_path,
+                                                                                     checkpointing):
+    trainer = make_trainer(tiny_pipe, tmp_path, "data.track=two_subject", "train.routing_loss_weight=1.0",
+                           f"model.gradient_checkpointing={str(checkpointing).lower()}",
+                           "model.customshift={generation_lora_rank: 4, lora_rank: 4}")
+    groups = [trainer.loader.source.get(i) for i in range(2)]
+    batch = trainer.prepare_batch(groups, torch.Generator().manual_seed(0))
+    gamma = trainer.pipe.reference_branch.shift.gamma
+
+    def gradient(b):
+        trainer.objective.zero_grad(set_to_none=False)
+        gamma.grad = None
+        loss, _ = trainer.objective(b)
+        loss.backward()
+        return float(loss), gamma.grad.clone()
+
+    with_routing, grad_routing = gradient(batch)
+    without = {k: v for k, v in batch.items() if k != "route_masks"}
+    plain, grad_plain = gradient(without)
+    assert with_routing > plain  # the routing term is added (and positive)
+    assert not torch.allclose(grad_routing, grad_plain)  # it reaches the per-layer gamma_l
+    assert torch.isfinite(grad_routing).all()
+    # with a generation LoRA it reaches the queries that m_ik is computed from (the frozen base's m_ik cannot move)
+    lora = [p for n, p in trainer.pipe.transformer.named_parameters() if "to_q.lora_B" in n]
+    gradient(batch)
+    routed_query = torch.cat([p.grad.flatten() for p in lora])
+    gradient(without)
+    assert not torch.allclose(routed_query, torch.cat([p.grad.flatten() for p in lora]))
+
+
+def test_routing_loss_weight_zero_is_the_objective_it_was(tiny_pipe, tmp_path):
+    trainer = make_trainer(tiny_pipe, tmp_path, "data.track=two_subject")
+    groups = [trainer.loader.source.get(i) for i in range(2)]
+    batch = trainer.prepare_batch(groups, torch.Generator().manual_seed(0))
+    assert "route_masks" not in batch
+    routed = make_trainer(tiny_pipe, tmp_path / "b", "data.track=two_subject", "train.routing_loss_weight=0.5")
+    batch_b = routed.prepare_batch(groups, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routed.objective.routing_weight = 0.0
+        assert float(routed.objective(batch_b)[0]) == float(trainer.objective(batch)[0])
+

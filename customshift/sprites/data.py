@@ -28,6 +28,14 @@ def group_from_pairs(pairs: Sequence[Any], origin: str) -> Group:
                  origin=origin, pairs=list(pairs))
 
 
+def _box_mask(context: synthetic.Context) -> np.ndarray:
+    """(CANVAS, CANVAS) bool: the sprite's box in a target drawn at ``context``."""
+    x0, y0, side = synthetic.sprite_box(context)
+    mask = np.zeros((synthetic.CANVAS, synthetic.CANVAS), dtype=bool)
+    mask[y0:y0 + side, x0:x0 + side] = True
+    return mask
+
+
 def _check_names(where: str, what: str, spec: Spec, allowed: Sequence[str]) -> None:
     names = [spec] if isinstance(spec, str) else list(spec)
     bad = [n for n in names if n not in allowed]
@@ -117,7 +125,8 @@ class SyntheticSource:
             return Group(reference=load_image(first.references[0]), subject=first.subject_names[0],
                          targets=[load_image(p.target) for p in pairs], prompts=[p.prompt for p in pairs],
                          origin=f"synthetic item {index}", pairs=list(pairs),
-                         second=(load_image(first.references[1]), first.subject_names[1]))
+                         second=(load_image(first.references[1]), first.subject_names[1]),
+                         subject_masks=[tuple(_box_mask(c) for c in p.target_contexts) for p in pairs])
         pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout,
                                        placement=placement, distractor_offsets=self.distractor_offsets)
         return group_from_pairs(pairs, f"synthetic item {index}")

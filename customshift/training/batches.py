@@ -8,9 +8,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
+from ..images import prepare_reference
 from .config import TrainingConfig
 from .objective import SigmaSampler, condition_dropout, foreground_weights
 
@@ -84,6 +87,8 @@ class BatchBuilder:
             batch["log_scale"] = torch.where(drop_reference, -math.inf, 0.0).to(device)
             if seconds:
                 batch |= self._second_subject(groups, seconds, reference_index, texts, drop_reference, embeds.shape[1])
+                if t.routing_loss_weight > 0 and any(groups[i].subject_masks for i in seconds):
+                    batch["route_masks"] = self._route_masks(groups, batch["target_latents"].shape[-2:])
         batch["sigmas"] = self.sigmas(n, g).to(device)
         batch["noise"] = torch.randn(batch["target_latents"].shape, generator=g).to(device)
         if t.foreground_loss_weight != 1.0:
@@ -146,6 +151,24 @@ class BatchBuilder:
         off = drop_reference.cpu() | ~has_second
         return {"second_index": torch.tensor(index, device=self.device), "second_weights": weights,
                 "second_log_scale": torch.where(off, -math.inf, 0.0).to(self.device)}
+
+    def _route_masks(self, groups: Sequence[Any], latent_size: tuple[int, int]) -> Tensor:
+        """(N, 2, tokens) {0, 1}: the image tokens each subject covers in each target (a token is covered when
+        half its pixels are), through the same resize and crop as the targets; zeros where a group has none."""
+        patch = self.pipe.transformer.config.patch_size
+        grid = (latent_size[0] // patch, latent_size[1] // patch)
+        rows = []
+        for group in groups:
+            for k in range(len(group.targets)):
+                if not group.subject_masks:
+                    rows.append(torch.zeros(2, grid[0] * grid[1]))
+                    continue
+                images = [Image.fromarray(m.astype(np.uint8) * 255).convert("RGB") for m in group.subject_masks[k]]
+                pixels = np.stack([np.asarray(prepare_reference(image, self.resolution, self.resolution))[..., 0] > 127
+                                   for image in images])
+                cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(pixels).float()[:, None], grid)
+                rows.append((cover[:, 0] >= 0.5).float().flatten(1))
+        return torch.stack(rows).to(self.device)
 
     def _subject_weights(self, texts: Sequence[str], subjects: Sequence[str], length: int) -> Tensor:
         """Where each target's subject sits in its prompt; the pipeline's per-prompt warning becomes one note."""

@@ -225,6 +225,9 @@ class TrainConfig(Section):
     ``foreground_loss_weight`` weighs the loss on latent pixels whose image pixels differ from the
     target's border colour (the subject, on uniform-background data such as the synthetic domain,
     where the sprite is a small share of the loss); 1 = the plain loss.
+    ``routing_loss_weight`` adds the routing loss of two-subject targets whose data gives each subject's mask
+    (customshift/training/objective.py ``routing_loss``: each subject's region routes to its own reference);
+    0 = off.
     ``max_minutes`` ends the run like ``max_steps`` does (checkpoint and ``final/`` export) once this
     invocation has trained that long, for time-boxed machines; 0 = no limit. ``--resume`` goes on.
     ``report_to``: accelerate trackers; ``auto`` = the CSV logs plus TensorBoard and W&B when installed
@@ -255,6 +258,7 @@ class TrainConfig(Section):
     reference_dropout: Fraction = 0.10
     both_dropout: Fraction = 0.05
     foreground_loss_weight: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] = 1.0
+    routing_loss_weight: Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)] = 0.0
     max_minutes: Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)] = 0.0
     log_every: PosInt = 10
     report_to: Literal["auto"] | list[Literal["csv", "tensorboard", "wandb"]] = "auto"

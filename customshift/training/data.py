@@ -73,6 +73,8 @@ class Group:
     origin: str
     pairs: list[Any] | None = field(default=None, repr=False)  # synthetic Pairs, for exact metrics
     second: tuple[Image.Image, str] | None = None  # a second subject (reference, name) in the same targets
+    # Per target, boolean (H, W) masks of where the first and the second subject are (train.routing_loss_weight).
+    subject_masks: list[tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import ReferenceSet, build_cads_state
 from .config import TrainConfig
 
-__all__ = ["Objective", "SigmaSampler", "condition_dropout", "foreground_weights"]
+__all__ = ["Objective", "SigmaSampler", "condition_dropout", "foreground_weights", "routing_loss"]
 
 # Max-channel difference from the border colour that makes a pixel foreground: the sprite metric's threshold
 # (FAR_THRESHOLD in customshift/sprites/synthetic.py), which separates every sprite colour from every background.
@@ -28,17 +29,18 @@ FOREGROUND_THRESHOLD = 40
 class Objective(nn.Module):
     """The loss as one module, so that DDP / FSDP / DeepSpeed see every trained parameter in one forward."""
 
-    def __init__(self, pipe: Any, use_reference: bool) -> None:
+    def __init__(self, pipe: Any, use_reference: bool, routing_weight: float = 0.0) -> None:
         super().__init__()
         self.transformer = pipe.transformer
         self.branch = pipe.reference_branch if use_reference else None
+        self.routing_weight = float(routing_weight)
         object.__setattr__(self, "_pipe", pipe)  # not a submodule: its VAE/text encoders are frozen
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         x0, noise, sigmas = batch["target_latents"], batch["noise"], batch["sigmas"]
         s = sigmas.view(-1, 1, 1, 1)
         noisy = ((1.0 - s) * x0 + s * noise).to(self.transformer.dtype)
-        kwargs = None
+        kwargs, routed = None, False
         if self.branch is not None:
             kv = self.branch(batch["reference_latents"], batch["subject_embeds"], batch["subject_pooled"],
                              batch["subject_mask"])
@@ -58,6 +60,9 @@ class Objective(nn.Module):
                     log_scale=batch["second_log_scale"], subject_weights=batch["second_weights"]))
             state = build_cads_state(self.branch.config, self.branch.shift, references, device=noisy.device,
                                      dtype=self.transformer.dtype, trainable=True)
+            routed = self.routing_weight > 0 and "route_masks" in batch and len(state.references) == 2
+            if routed:
+                state.shift_record = []
             kwargs = {"customshift": state}
         pred = self.transformer(
             hidden_states=noisy,
@@ -75,10 +80,35 @@ class Objective(nn.Module):
         else:
             per_sample = (error * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
         loss = per_sample.mean()
+        if routed:
+            valid = torch.isfinite(batch["log_scale"]) & torch.isfinite(batch["second_log_scale"])
+            valid &= (batch["subject_weights"].sum(-1) > 0) & (batch["second_weights"].sum(-1) > 0)
+            loss = loss + self.routing_weight * routing_loss(state.shift_record, batch["route_masks"], valid)
         # Every trained parameter takes part in every step (a batch whose references are all dropped
         # leaves the branch unused), so DDP needs no find_unused_parameters; the term is exactly 0.
         loss = loss + sum(p.reshape(-1)[:1].sum() for p in self.parameters() if p.requires_grad) * 0.0
         return loss, per_sample.detach()
+
+
+def routing_loss(record: Sequence[Sequence[Tensor]], masks: Tensor, valid: Tensor) -> Tensor:
+    """Localisation supervision of two subjects' shifts: each subject's region should route to its own reference.
+
+    ``record``: per CADS layer the two reference sets' shifts beta_i1, beta_i2, (B, N_image) each;
+    ``masks``: (B, 2, N_image) in {0, 1}, the image tokens covered by each subject in the target;
+    ``valid``: (B,) rows where both references and both names are present. Per token of subject k's region,
+    the logistic loss of "subject k, not the other" on beta_ik - beta_i,other (the two sets' mass
+    log-odds ratio), averaged over each row's region tokens, the valid rows and the layers. 0 without any.
+    """
+    masks = masks.float() * valid.float().view(-1, 1, 1)
+    count = masks.sum(dim=(1, 2))
+    if not record or not bool((count > 0).any()):
+        return masks.new_zeros(())
+    total = masks.new_zeros(())
+    for first, second in record:
+        gap = (first.float() - second.float()).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        per_token = masks[:, 0] * F.softplus(-gap) + masks[:, 1] * F.softplus(gap)
+        total = total + (per_token.sum(-1) / count.clamp(min=1))[count > 0].mean()
+    return total / len(record)
 
 
 class SigmaSampler:

@@ -126,7 +126,7 @@ class Trainer:
         if config.model.gradient_checkpointing:
             self.pipe.transformer.enable_gradient_checkpointing()
             self.pipe.reference_branch.tree.enable_gradient_checkpointing()
-        self.objective = Objective(self.pipe, self.use_reference)
+        self.objective = Objective(self.pipe, self.use_reference, t.routing_loss_weight)
         self.optimizer = build_optimizer(self.pipe, self.trainable, config)
         self.lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=self.optimizer,
                                           num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps)
