@@ -369,6 +369,8 @@ def evaluate_probe(
     n: Annotated[int, typer.Option("--n", help="Held-out pairs per layout.")] = 64,
     layout: Annotated[list[str] | None, typer.Option("--layout", help="same_layout, same_size and/or random.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    routing: Annotated[bool, typer.Option("--routing", help="Two-subject pairs: how much of each region's "
+                                          "reference mass goes to its own subject.")] = False,
 ) -> None:
     """Does the model read its reference? Cells recovered at high noise with the right, a wrong and no reference."""
     from .default_model import default_model_path
@@ -377,6 +379,8 @@ def evaluate_probe(
     argv = [model or str(default_model_path()), "--n", str(n), "--layouts", *(layout or ["same_layout", "random"])]
     if json_out is not None:
         argv += ["--json", str(json_out)]
+    if routing:
+        argv.append("--routing")
     probe_main(argv)
 
 

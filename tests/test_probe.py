@@ -76,3 +76,35 @@ def test_a_run_holding_only_its_final_export_loads_with_its_weights(sprite_sized
         loaded = load_model(str(folder))
         assert loaded.reference_branch.config.cads_shift == "mass"
         assert torch.equal(loaded.reference_branch.shift.beta, pipe.reference_branch.shift.beta)
+
+
+@pytest.mark.parametrize("beta", [-2.0, 0.5])
+def test_routing_shares_without_subject_relevance_are_even_with_the_mass_of_the_shift(sprite_sized_folder, beta):
+    from customshift.pipeline import CustomShiftPipeline
+    from customshift.sprites.probe import routing_shares
+
+    torch.set_num_threads(1)
+    pipe = CustomShiftPipeline.from_pretrained(sprite_sized_folder)
+    # gamma = 0: both subjects get the same shift beta everywhere, so neither region prefers its own reference
+    pipe.set_customshift_config(CustomShiftConfig(lora_rank=0, cads_shift="mass", beta_init=beta, gamma_init=0.0))
+    result = routing_shares(pipe, synthetic.two_subject_split(n=2), (0.5, 0.9), max_sequence_length=16)
+    mass = 2 * np.exp(beta) / (1 + 2 * np.exp(beta))  # softmax(0, beta, beta) on the two references
+    for row in result.values():
+        assert row["own"] == pytest.approx(0.5, abs=1e-6)
+        assert row["region_mass"] == pytest.approx(mass, rel=1e-5)
+        assert row["background_mass"] == pytest.approx(mass, rel=1e-5)
+    # gamma > 0 makes the shares depend on each name's relevance: no longer exactly even
+    pipe.set_customshift_config(CustomShiftConfig(lora_rank=0, cads_shift="mass", beta_init=beta, gamma_init=8.0))
+    routed = routing_shares(pipe, synthetic.two_subject_split(n=2), (0.9,), max_sequence_length=16)
+    assert routed["0.9"]["own"] != pytest.approx(0.5, abs=1e-4)
+
+
+def test_cli_probe_routing_prints_the_table(sprite_sized_folder, tmp_path):
+    from customshift.cli import app
+
+    out = tmp_path / "routing.json"
+    result = CliRunner().invoke(app, ["evaluate", "probe", "--model", sprite_sized_folder, "--n", "2", "--routing",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| sigma | own share |" in result.output
+    assert set(json.loads(out.read_text())["0.95"]) == {"own", "region_mass", "background_mass"}

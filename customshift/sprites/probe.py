@@ -97,6 +97,77 @@ def colour_recovery(
     return result
 
 
+@torch.no_grad()
+def routing_shares(
+    pipe: Any,
+    pairs: Sequence[synthetic.TwoSubjectPair],
+    sigmas: Sequence[float] = SIGMAS,
+    *,
+    seed: int = 0,
+    max_sequence_length: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Where two subjects' references go: ``{sigma: {own, other_region, background}}`` over ``pairs``.
+
+    One forward per sigma with both references (each with its own name's m_ik) on the noised targets. From
+    each CADS layer's shifts (the mass form's log-odds) per image token: ``own`` is the share of a subject's
+    region's reference mass that goes to that subject's own reference, sigmoid(beta_own - beta_other), averaged
+    over both regions, pairs and layers (0.5: no routing, 1: each region reads only its own subject);
+    ``region_mass`` and ``background_mass`` are the total mass on the references inside the regions and outside.
+    """
+    size = synthetic.CANVAS
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    length = max_sequence_length or pipe.customshift_config.max_sequence_length or 256
+    from PIL import Image
+
+    targets = pipe.prepare_reference_latents([Image.fromarray(p.target) for p in pairs], size, size).float()
+    noise = torch.randn(targets.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(targets.device)
+    prompts = [p.prompt for p in pairs]
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False, device=device,
+                                              max_sequence_length=length)
+    sets = []
+    for k in range(2):
+        subjects = [pipe.encode_subject(p.references[k], p.subject_names[k], size, size) for p in pairs]
+        sets.append(ReferenceSet(
+            keys={name: torch.cat([s.keys[name] for s in subjects]) for name in subjects[0].keys},
+            values={name: torch.cat([s.values[name] for s in subjects]) for name in subjects[0].values},
+            log_scale=torch.zeros(len(pairs)),
+            subject_weights=torch.cat([pipe.subject_token_weights([p.prompt], p.subject_names[k], embeds.shape[1])
+                                       for p in pairs])))
+    patch = pipe.transformer.config.patch_size
+    side = targets.shape[-1] // patch
+    cell = size / side
+    centres = (np.arange(side) + 0.5) * cell
+
+    def region(context: synthetic.Context) -> torch.Tensor:
+        x0, y0, s = synthetic.sprite_box(context)
+        inside_x, inside_y = (centres >= x0) & (centres < x0 + s), (centres >= y0) & (centres < y0 + s)
+        return torch.from_numpy((inside_y[:, None] & inside_x[None, :]).ravel())
+
+    regions = torch.stack([torch.stack([region(c) for c in p.target_contexts]) for p in pairs])  # (P, 2, N)
+    background = ~regions.any(dim=1)
+    result = {}
+    for sigma in sigmas:
+        state = build_cads_state(pipe.customshift_config, pipe.reference_branch.shift, sets, device=device,
+                                 dtype=dtype)
+        state.shift_record = []
+        noisy = ((1.0 - sigma) * targets + sigma * noise).to(dtype)
+        pipe.transformer(hidden_states=noisy, timestep=torch.full((len(pairs),), sigma * 1000.0, device=device),
+                         encoder_hidden_states=embeds, pooled_projections=pooled,
+                         joint_attention_kwargs={"customshift": state}, return_dict=False)
+        own, region_mass, background_mass = [], [], []
+        for first, second in state.shift_record:
+            first, second = first.float().cpu(), second.float().cpu()
+            share = torch.sigmoid(first - second)  # of the references' mass, the share of the first subject
+            mass = 1.0 - torch.softmax(torch.stack([torch.zeros_like(first), first, second]), dim=0)[0]
+            own.append(((share * regions[:, 0]).sum() + ((1 - share) * regions[:, 1]).sum()) / regions.sum())
+            region_mass.append((mass * regions.any(dim=1)).sum() / regions.any(dim=1).sum())
+            background_mass.append((mass * background).sum() / background.sum().clamp(min=1))
+        result[f"{sigma:g}"] = {"own": float(np.mean(own)), "region_mass": float(np.mean(region_mass)),
+                                "background_mass": float(np.mean(background_mass))}
+    return result
+
+
 def gate(result: dict[str, dict[str, float]], sigmas: Sequence[float] = (0.85, 0.95)) -> float:
     """The smallest right-minus-wrong gap (in points of cell accuracy) at the deciding noise levels."""
     gaps = [100.0 * (result["right"][f"{s:g}"] - result["wrong"][f"{s:g}"]) for s in sigmas]
@@ -144,8 +215,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", default=["same_layout", "same_size", "random"])
     parser.add_argument("--track", default="clean")
     parser.add_argument("--json", default=None, help="write the results here too")
+    parser.add_argument("--routing", action="store_true",
+                        help="two-subject pairs: where each subject's reference mass goes (routing_shares)")
     args = parser.parse_args(argv)
     pipe = load_model(args.model)
+    if args.routing:
+        shares = routing_shares(pipe, synthetic.two_subject_split(n=args.n))
+        print("| sigma | own share | mass in regions | mass in background |\n|---|---|---|---|")
+        for sigma, row in shares.items():
+            print(f"| {sigma} | {row['own']:.3f} | {row['region_mass']:.3f} | {row['background_mass']:.3f} |")
+        if args.json:
+            from ..io import atomic_write_json
+
+            atomic_write_json(args.json, shares)
+        return 0
     results = {}
     for layout in args.layouts:
         pairs = synthetic.evaluation_split(n=args.n, track=args.track, layout=layout)
