@@ -124,8 +124,8 @@ def _per_prompt_reference_sets(pipe: Any, lists: list[list[SubjectEmbedding]], s
             {n: torch.cat([e.keys[n] for e in slot_items]) for n in slot_items[0].keys},
             {n: torch.cat([e.values[n] for e in slot_items]) for n in slot_items[0].values},
             torch.full((len(rows),), math.log(scale)),
-            torch.cat([pipe.subject_token_weights([prompt], e.subject, text_len)
-                       for (prompt, _), e in zip(rows, slot_items, strict=True)])))
+            torch.cat([pipe.subject_token_weights([prompt], items[slot].subject, text_len)  # once per prompt
+                       for prompt, items in zip(prompts, lists, strict=True)]).repeat_interleave(per_prompt, dim=0)))
     return references
 
 

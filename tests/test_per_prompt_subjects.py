@@ -73,3 +73,22 @@ def test_evaluate_synthetic_batches_give_the_same_images():
         one = generate_pairs(pipe, pairs, steps=2, guidance_scale=2.0, seed=7)
         assert all(np.array_equal(a, b) for a, b in zip(one, generate_pairs(
             pipe, pairs, steps=2, guidance_scale=2.0, seed=7, batch_size=3), strict=True)), track
+
+
+def test_per_prompt_subjects_with_several_images_per_prompt(subjects):
+    """Rows are prompt-major: prompt k's images all carry prompt k's subject and its name's relevance."""
+    pipe, dog, cat = subjects
+
+    def images(prompts, subject, seed):
+        out = pipe(prompts, subject=subject, num_images_per_prompt=2, num_inference_steps=3, guidance_scale=2.0,
+                   output_type="np", generator=torch.Generator().manual_seed(seed))
+        return out.images
+
+    prompts = [PROMPTS[0], PROMPTS[2]]  # the names sit at different tokens: rows must follow their own prompt
+    batched = images(prompts, [[dog], [cat]], 7)
+    assert batched.shape[0] == 4
+    with_dog_everywhere = images(prompts, [[dog], [dog]], 7)
+    with_cat_everywhere = images(prompts, [[cat], [cat]], 7)
+    assert np.array_equal(batched[:2], with_dog_everywhere[:2])  # the same noise, the same subject: the same rows
+    assert np.array_equal(batched[2:], with_cat_everywhere[2:])
+    assert not np.array_equal(batched[2:], with_dog_everywhere[2:])
