@@ -32,6 +32,20 @@ def _cell_accuracy(image: np.ndarray, pair: synthetic.Pair) -> float:
     return float((cells[mask] == pair.subject.color_grid()[mask]).mean())
 
 
+def _noised_inputs(pipe: Any, pairs: Sequence[Any], seed: int, max_sequence_length: int | None) -> tuple:
+    """The pairs' target latents, their noise (from ``seed``) and their prompts' embeddings (one pass)."""
+    from PIL import Image
+
+    size = synthetic.CANVAS
+    length = max_sequence_length or pipe.customshift_config.max_sequence_length or 256
+    targets = pipe.prepare_reference_latents([Image.fromarray(p.target) for p in pairs], size, size).float()
+    noise = torch.randn(targets.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(targets.device)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=[p.prompt for p in pairs], prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False, device=pipe.transformer.device,
+                                              max_sequence_length=length)
+    return targets, noise, embeds, pooled
+
+
 @torch.no_grad()
 def colour_recovery(
     pipe: Any,
@@ -47,17 +61,7 @@ def colour_recovery(
         raise ValueError("the probe needs at least two pairs (the wrong reference is another pair's)")
     size = synthetic.CANVAS
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
-    length = max_sequence_length or pipe.customshift_config.max_sequence_length or 256
-    from PIL import Image
-
-    targets = pipe.prepare_reference_latents([Image.fromarray(p.target) for p in pairs], size, size).float()
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(targets.shape, generator=generator).to(targets.device)
-    prompts = [p.prompt for p in pairs]
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, device=device,
-        max_sequence_length=length,
-    )
+    targets, noise, embeds, pooled = _noised_inputs(pipe, pairs, seed, max_sequence_length)
     weights = torch.cat([pipe.subject_token_weights([p.prompt], p.subject_name, embeds.shape[1]) for p in pairs])
     references = {"right": [p.reference for p in pairs], "wrong": synthetic.wrong_references(pairs)}
     subjects = {cond: [pipe.encode_subject(ref, p.subject_name, size, size) for ref, p in zip(refs, pairs,
@@ -106,7 +110,7 @@ def routing_shares(
     seed: int = 0,
     max_sequence_length: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Where two subjects' references go: ``{sigma: {own, other_region, background}}`` over ``pairs``.
+    """Where two subjects' references go: ``{sigma: {own, region_mass, background_mass}}`` over ``pairs``.
 
     One forward per sigma with both references (each with its own name's m_ik) on the noised targets. From
     each CADS layer's shifts (the mass form's log-odds) per image token: ``own`` is the share of a subject's
@@ -116,15 +120,7 @@ def routing_shares(
     """
     size = synthetic.CANVAS
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
-    length = max_sequence_length or pipe.customshift_config.max_sequence_length or 256
-    from PIL import Image
-
-    targets = pipe.prepare_reference_latents([Image.fromarray(p.target) for p in pairs], size, size).float()
-    noise = torch.randn(targets.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(targets.device)
-    prompts = [p.prompt for p in pairs]
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                              do_classifier_free_guidance=False, device=device,
-                                              max_sequence_length=length)
+    targets, noise, embeds, pooled = _noised_inputs(pipe, pairs, seed, max_sequence_length)
     sets = []
     for k in range(2):
         subjects = [pipe.encode_subject(p.references[k], p.subject_names[k], size, size) for p in pairs]
