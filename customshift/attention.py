@@ -52,20 +52,25 @@ __all__ = [
     "build_cads_state",
     "attention_with_lse",
     "cads_attention",
+    "compete",
     "install_processors",
     "subject_relevance",
+    "subject_scores",
 ]
 
 
 class ShiftParameters(nn.Module):
     """The per-layer scalars beta_l and gamma_l, one pair per CADS processor (attn, and SD3.5's attn2)."""
 
-    def __init__(self, names: list[str], beta_init: float = 0.0, gamma_init: float = 1.0) -> None:
+    def __init__(self, names: list[str], beta_init: float = 0.0, gamma_init: float = 1.0,
+                 competition: bool = False) -> None:
         super().__init__()
         self.names = list(names)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.beta = nn.Parameter(torch.full((len(names),), float(beta_init)))
         self.gamma = nn.Parameter(torch.full((len(names),), float(gamma_init)))
+        # kappa_l: the gain of the subjects' competition (CustomShiftConfig.subject_competition), zero at the start.
+        self.kappa = nn.Parameter(torch.zeros(len(names))) if competition else None
 
 
 @dataclass
@@ -99,6 +104,7 @@ class CADSState:
     Attributes:
         references: the subjects, each with its own reference set and its own subject relevance m_i.
         beta / gamma: processor name -> 0-d tensors (the shift parameters of that layer).
+        kappa: processor name -> 0-d tensor, the gain of the subjects' competition (None: no competition).
         conditional: use m_i (False: the shift is the same for every query).
         mass: image queries' shift is the log-odds of their reference mass (False: a logit shift).
         form: "split" or "mask".
@@ -115,6 +121,7 @@ class CADSState:
     form: str = "split"
     text_queries_attend_reference: bool = False
     shift_record: list[list[Tensor]] | None = None
+    kappa: dict[str, Tensor] | None = None
     _rows: dict[tuple[int, int], tuple[Tensor, Tensor | None, Tensor | None]] = field(
         default_factory=dict, init=False, repr=False)
 
@@ -173,10 +180,15 @@ def build_cads_state(
         ))
     beta = shift.beta if trainable else shift.beta.detach()
     gamma = shift.gamma if trainable else shift.gamma.detach()
+    kappa = None
+    if shift.kappa is not None and len(kept) > 1 and config.conditional_shift:
+        gain = shift.kappa if trainable else shift.kappa.detach()
+        kappa = {n: gain[i].to(device) for n, i in shift.index.items()}
     return CADSState(
         references=kept,
         beta={n: beta[i].to(device) for n, i in shift.index.items()},
         gamma={n: gamma[i].to(device) for n, i in shift.index.items()},
+        kappa=kappa,
         conditional=config.conditional_shift,
         mass=config.cads_shift == "mass",
         form=config.cads_form,
@@ -226,34 +238,51 @@ def _fused_attention_with_lse(query: Tensor, key: Tensor, value: Tensor) -> tupl
 # CADS
 
 
-def subject_relevance(image_query: Tensor, text_key: Tensor, subject_weights: Tensor) -> Tensor:
+def subject_scores(image_query: Tensor, text_key: Tensor, subject_weights: Tensor) -> Tensor:
+    """(B, H, N_image) float32: each image query's score against the (weighted) mean key of the subject's name."""
+    weights = subject_weights if subject_weights.dim() == 4 else subject_weights[:, None, None, :]
+    subject_key = torch.matmul(weights.to(text_key.dtype), text_key)  # (B, H, 1, d)
+    scores = torch.matmul(image_query, subject_key.transpose(-1, -2)).squeeze(-1).float()
+    return scores / math.sqrt(image_query.shape[-1])
+
+
+def subject_relevance(image_query: Tensor, text_key: Tensor, subject_weights: Tensor,
+                      scores: Tensor | None = None) -> Tensor:
     """m_i in [0, 1]: how strongly image query i attends to the prompt's subject-name tokens.
 
     The score of query i against the (weighted) mean subject key is, per head, normalised over the
     image tokens (exp(s_i - max_i s_i): the most subject-like query gets 1) and averaged over heads.
     ``subject_weights`` is (B, T) or already (B, 1, 1, T). Returns (B, N_image).
     """
-    weights = subject_weights if subject_weights.dim() == 4 else subject_weights[:, None, None, :]
-    subject_key = torch.matmul(weights.to(text_key.dtype), text_key)  # (B, H, 1, d)
-    scores = torch.matmul(image_query, subject_key.transpose(-1, -2)).squeeze(-1).float()
-    scores = scores / math.sqrt(image_query.shape[-1])
-    relevance = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    return relevance.mean(dim=1)
+    scores = subject_scores(image_query, text_key, subject_weights) if scores is None else scores
+    return torch.exp(scores - scores.amax(dim=-1, keepdim=True)).mean(dim=1)
 
 
-def _shift_logits(state: CADSState, index: int, name: str, image_query: Tensor, text_key: Tensor | None) -> Tensor:
-    """beta_i of reference ``index`` for every image query: (B, N_image), float32."""
+def _shift_logits(state: CADSState, index: int, name: str, image_query: Tensor,
+                  text_key: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """beta_i of reference ``index`` for every image query, (B, N_image) float32, and the head-mean name scores
+    (for the subjects' competition; None where there is no relevance)."""
     log_scale, weights, has_subject = state.rows(index, image_query.shape[0])
     beta = state.beta[name].float() + log_scale  # beta_l + log(shift_scale), (B, 1)
     if not state.conditional:
-        return beta.expand(-1, image_query.shape[2])
+        return beta.expand(-1, image_query.shape[2]), None
     if text_key is None or weights is None:
         # No prompt tokens here (SD3.5's image-only attn2): the subject relevance is not defined,
         # so the shift is unconditional with m_i = 1 (documented fallback).
-        return beta + state.gamma[name].float()
-    relevance = subject_relevance(image_query, text_key, weights)
+        return beta + state.gamma[name].float(), None
+    scores = subject_scores(image_query, text_key, weights)
+    relevance = subject_relevance(image_query, text_key, weights, scores)
     relevance = torch.where(has_subject, relevance, torch.ones_like(relevance))
-    return beta + state.gamma[name].float() * relevance
+    return beta + state.gamma[name].float() * relevance, scores.mean(dim=1)
+
+
+def compete(shifts: list[Tensor], scores: list[Tensor], kappa: Tensor) -> list[Tensor]:
+    """beta_ik + kappa_l (s_ik - mean_k' s_ik'): each query's mass moves to the subject whose name it matches best.
+
+    ``scores``: head-mean name scores (B, N_image) per subject; a row without names scores 0 for all (no change).
+    """
+    mean = torch.stack(scores).mean(dim=0)
+    return [shift + kappa.float() * (score - mean) for shift, score in zip(shifts, scores, strict=True)]
 
 
 def cads_attention(
@@ -413,7 +442,11 @@ class CADSAttnProcessor:
         if customshift is not None and customshift.active and self.name in customshift.beta:
             image_query = query[:, :, :num_image]
             refs = customshift.references
-            shifts = [_shift_logits(customshift, i, self.name, image_query, text_key) for i in range(len(refs))]
+            shifts, scores = zip(*[_shift_logits(customshift, i, self.name, image_query, text_key)
+                                   for i in range(len(refs))], strict=True)
+            shifts = list(shifts)
+            if customshift.kappa is not None and self.name in customshift.kappa and None not in scores:
+                shifts = compete(shifts, list(scores), customshift.kappa[self.name])
             if customshift.shift_record is not None:
                 customshift.shift_record.append(shifts)
             keys, values = [r.keys[self.name] for r in refs], [r.values[self.name] for r in refs]

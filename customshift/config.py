@@ -51,6 +51,9 @@ class CustomShiftConfig:
         cads_shift: "mass" (beta_i is the log-odds of the image query's attention mass on the reference,
             so the path cannot be closed by the scores) or "logit" (beta_i is added to the reference
             logits; the mass follows the scores). docs/method.md derives both.
+        subject_competition: with several subjects, add kappa_l times each name's centred query score to its
+            shift, so the subjects compete for each query by which name it matches best (docs/method.md, "Several
+            subjects"); kappa_l starts at 0 (the same model) and is trained; one subject is unaffected.
         max_sequence_length: T5 tokens the model was trained with; the pipeline's default when the caller
             gives none (None: SD3's 256).
     """
@@ -69,6 +72,7 @@ class CustomShiftConfig:
     text_queries_attend_reference: bool = False
     cads_form: Literal["split", "mask"] = "split"
     cads_shift: Literal["mass", "logit"] = "mass"
+    subject_competition: bool = False
     max_sequence_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -113,7 +117,7 @@ MAX_SEQUENCE_LENGTH = 512
 _INTS = {"lora_rank", "generation_lora_rank"}
 _FLOATS = {"lora_alpha", "beta_init", "gamma_init"}
 _BOOLS = {"lora_feedforward", "subject_tokens_in_reference", "conditional_shift", "learn_shift",
-          "text_queries_attend_reference"}
+          "text_queries_attend_reference", "subject_competition"}
 _CHOICES = {"reference_positions": ("same", "offset"), "cads_form": ("split", "mask"), "cads_shift": ("mass", "logit")}
 
 

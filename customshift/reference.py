@@ -344,7 +344,8 @@ class ReferenceBranch(nn.Module):
             inject_adapter_in_model(lora, tree, adapter_name=REFERENCE_ADAPTER)
         self.tree = tree
         self._tied = tied  # a plain list: the originals are the transformer's, not submodules of the branch
-        self.shift = ShiftParameters(names, self.config.beta_init, self.config.gamma_init)
+        self.shift = ShiftParameters(names, self.config.beta_init, self.config.gamma_init,
+                                     self.config.subject_competition)
 
     @property
     def processor_names(self) -> list[str]:
@@ -369,12 +370,16 @@ class ReferenceBranch(nn.Module):
             state.update({f"reference_lora.{k}": v for k, v in lora.items()})
         state["shift.beta"] = self.shift.beta.detach()
         state["shift.gamma"] = self.shift.gamma.detach()
+        if self.shift.kappa is not None:
+            state["shift.kappa"] = self.shift.kappa.detach()
         return state
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         with torch.no_grad():
             self.shift.beta.copy_(state["shift.beta"])
             self.shift.gamma.copy_(state["shift.gamma"])
+            if self.shift.kappa is not None:
+                self.shift.kappa.copy_(state["shift.kappa"])
         lora = {k[len("reference_lora.") :]: v for k, v in state.items() if k.startswith("reference_lora.")}
         if self.config.lora_rank > 0:
             from peft.utils import set_peft_model_state_dict
@@ -389,7 +394,7 @@ class ReferenceBranch(nn.Module):
         if self.config.learn_shift:
             params += [self.shift.beta]
             if self.config.conditional_shift:
-                params += [self.shift.gamma]
+                params += [self.shift.gamma] + ([self.shift.kappa] if self.shift.kappa is not None else [])
         return params
 
     def encode(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -68,10 +68,10 @@ def test_each_subject_shift_follows_its_own_name_tokens():
     weights = [torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 1.0, 0]])]
     refs = [ReferenceSet({"a": torch.zeros(1)}, {"a": torch.zeros(1)}, torch.zeros(1), w) for w in weights]
     state = CADSState(refs, beta={"a": torch.tensor(0.0)}, gamma={"a": torch.tensor(3.0)})
-    robot, tree = (_shift_logits(state, i, "a", query, text_key)[0] for i in range(2))
+    robot, tree = (_shift_logits(state, i, "a", query, text_key)[0][0] for i in range(2))
     assert (robot[:3] > tree[:3] + 2).all() and (tree[3:] > robot[3:] + 2).all()
     # The negative pass of guidance (leading rows of a larger batch) has no subject tokens: m_i = 1.
-    doubled = _shift_logits(state, 0, "a", query.repeat(2, 1, 1, 1), text_key.repeat(2, 1, 1, 1))
+    doubled = _shift_logits(state, 0, "a", query.repeat(2, 1, 1, 1), text_key.repeat(2, 1, 1, 1))[0]
     assert torch.allclose(doubled[0], torch.full((6,), 3.0)) and torch.equal(doubled[1], robot)
     assert math.isclose(float(robot.max()), 3.0, rel_tol=1e-6)
 

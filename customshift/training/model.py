@@ -56,9 +56,15 @@ def setup_model(pipe: Any, config: TrainingConfig) -> None:
         pipe.load_customshift(config.model.customshift_weights)  # a later stage starts from earlier weights
         saved = pipe.customshift_config.to_dict()
         given = {k: v for k, v in config.model.customshift.items() if saved.get(k) != v}
+        # A later stage may turn the subjects' competition on: kappa starts at 0, so it starts from the same model.
+        compete = given.pop("subject_competition", False) is True
         if given:
             raise ConfigError(f"model.customshift {given} differs from the config saved with "
                               f"model.customshift_weights={config.model.customshift_weights}; drop it")
+        if compete:
+            state = pipe.reference_branch.trainable_state_dict()
+            pipe.set_customshift_config(pipe.customshift_config.replace(subject_competition=True))
+            pipe.reference_branch.load_trainable_state_dict({**state, "shift.kappa": pipe.reference_branch.shift.kappa})
         return
     pipe.set_customshift_config(cs)
     if cs.generation_lora_rank > 0:
@@ -129,7 +135,8 @@ def configure_dtypes(pipe: Any, config: TrainingConfig, device: torch.device) ->
 def build_optimizer(pipe: Any, trainable: dict[str, nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
     """AdamW; the shift parameters (beta, gamma) get their own learning rate and no weight decay."""
     t = config.train
-    shift_ids = {id(pipe.reference_branch.shift.beta), id(pipe.reference_branch.shift.gamma)}
+    shift_ids = {id(p) for p in (pipe.reference_branch.shift.beta, pipe.reference_branch.shift.gamma,
+                                 pipe.reference_branch.shift.kappa) if p is not None}
     shift = [p for p in trainable.values() if id(p) in shift_ids]
     rest = [p for p in trainable.values() if id(p) not in shift_ids]
     groups = []
