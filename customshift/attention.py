@@ -445,7 +445,7 @@ class CADSAttnProcessor:
             shifts, scores = zip(*[_shift_logits(customshift, i, self.name, image_query, text_key)
                                    for i in range(len(refs))], strict=True)
             shifts = list(shifts)
-            if customshift.kappa is not None and self.name in customshift.kappa and None not in scores:
+            if customshift.kappa is not None and self.name in customshift.kappa and all(s is not None for s in scores):
                 shifts = compete(shifts, list(scores), customshift.kappa[self.name])
             if customshift.shift_record is not None:
                 customshift.shift_record.append(shifts)
