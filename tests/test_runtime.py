@@ -58,8 +58,8 @@ def test_two_subjects_differ_from_each_alone_and_recompute_equals_cache(trained_
         generate(trained_pipe, TWO, subject=[robot, tree], shift_scale=[1.0])
 
 
-def test_each_subject_shift_follows_its_own_name_tokens():
-    # Image queries 0..2 point at text token 0 (the robot's name), 3..5 at token 1 (the tree's).
+def two_name_state(gamma: float) -> tuple[CADSState, torch.Tensor, torch.Tensor]:
+    """Image queries 0..2 point at text token 0 (the robot's name), 3..5 at token 1 (the tree's)."""
     heads, dim = 2, 4
     text_key = torch.zeros(1, heads, 3, dim)
     text_key[..., 0, 0], text_key[..., 1, 1] = 4.0, 4.0
@@ -67,7 +67,11 @@ def test_each_subject_shift_follows_its_own_name_tokens():
     query[..., :3, 0], query[..., 3:, 1] = 4.0, 4.0
     weights = [torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 1.0, 0]])]
     refs = [ReferenceSet({"a": torch.zeros(1)}, {"a": torch.zeros(1)}, torch.zeros(1), w) for w in weights]
-    state = CADSState(refs, beta={"a": torch.tensor(0.0)}, gamma={"a": torch.tensor(3.0)})
+    return CADSState(refs, beta={"a": torch.tensor(0.0)}, gamma={"a": torch.tensor(gamma)}), query, text_key
+
+
+def test_each_subject_shift_follows_its_own_name_tokens():
+    state, query, text_key = two_name_state(gamma=3.0)
     robot, tree = (_shift_logits(state, i, "a", query, text_key)[0][0] for i in range(2))
     assert (robot[:3] > tree[:3] + 2).all() and (tree[3:] > robot[3:] + 2).all()
     # The negative pass of guidance (leading rows of a larger batch) has no subject tokens: m_i = 1.

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import load_tiny, random_image
 from test_pipeline import generate, randomize_adapter
+from test_runtime import two_name_state
 
-from customshift.attention import CADSState, ReferenceSet, _shift_logits, compete
+from customshift.attention import _shift_logits, compete
 
 TWO = "a robot next to a tree"
 
@@ -44,15 +45,7 @@ def test_kappa_zero_is_the_model_without_competition_and_one_subject_is_never_af
 
 
 def test_each_query_moves_to_the_subject_whose_name_it_matches():
-    # Image queries 0..2 point at text token 0 (the robot's name), 3..5 at token 1 (the tree's).
-    heads, dim = 2, 4
-    text_key = torch.zeros(1, heads, 3, dim)
-    text_key[..., 0, 0], text_key[..., 1, 1] = 4.0, 4.0
-    query = torch.zeros(1, heads, 6, dim)
-    query[..., :3, 0], query[..., 3:, 1] = 4.0, 4.0
-    weights = [torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 1.0, 0]])]
-    refs = [ReferenceSet({"a": torch.zeros(1)}, {"a": torch.zeros(1)}, torch.zeros(1), w) for w in weights]
-    state = CADSState(refs, beta={"a": torch.tensor(0.0)}, gamma={"a": torch.tensor(0.0)})
+    state, query, text_key = two_name_state(gamma=0.0)  # queries 0..2 match the robot's name, 3..5 the tree's
     (robot, s_robot), (tree, s_tree) = (_shift_logits(state, i, "a", query, text_key) for i in range(2))
     assert torch.equal(robot, tree)  # gamma 0: no preference from m_ik
     moved = compete([robot, tree], [s_robot, s_tree], torch.tensor(0.5))
