@@ -133,7 +133,7 @@ def configure_dtypes(pipe: Any, config: TrainingConfig, device: torch.device) ->
 
 
 def build_optimizer(pipe: Any, trainable: dict[str, nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW; the shift parameters (beta, gamma) get their own learning rate and no weight decay."""
+    """AdamW; the shift parameters (beta, gamma, kappa) get their own learning rate and no weight decay."""
     t = config.train
     shift_ids = {id(p) for p in (pipe.reference_branch.shift.beta, pipe.reference_branch.shift.gamma,
                                  pipe.reference_branch.shift.kappa) if p is not None}
