@@ -259,9 +259,9 @@ def subject_relevance(image_query: Tensor, text_key: Tensor, subject_weights: Te
 
 
 def _shift_logits(state: CADSState, index: int, name: str, image_query: Tensor,
-                  text_key: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """beta_i of reference ``index`` for every image query, (B, N_image) float32, and the head-mean name scores
-    (for the subjects' competition; None where there is no relevance)."""
+                  text_key: Tensor | None, with_scores: bool = False) -> tuple[Tensor, Tensor | None]:
+    """beta_i of reference ``index`` for every image query, (B, N_image) float32, and, when ``with_scores``
+    (the subjects' competition is on), the head-mean name scores (None where there is no relevance)."""
     log_scale, weights, has_subject = state.rows(index, image_query.shape[0])
     beta = state.beta[name].float() + log_scale  # beta_l + log(shift_scale), (B, 1)
     if not state.conditional:
@@ -273,7 +273,7 @@ def _shift_logits(state: CADSState, index: int, name: str, image_query: Tensor,
     scores = subject_scores(image_query, text_key, weights)
     relevance = subject_relevance(image_query, text_key, weights, scores)
     relevance = torch.where(has_subject, relevance, torch.ones_like(relevance))
-    return beta + state.gamma[name].float() * relevance, scores.mean(dim=1)
+    return beta + state.gamma[name].float() * relevance, scores.mean(dim=1) if with_scores else None
 
 
 def compete(shifts: list[Tensor], scores: list[Tensor], kappa: Tensor) -> list[Tensor]:
@@ -442,10 +442,11 @@ class CADSAttnProcessor:
         if customshift is not None and customshift.active and self.name in customshift.beta:
             image_query = query[:, :, :num_image]
             refs = customshift.references
-            shifts, scores = zip(*[_shift_logits(customshift, i, self.name, image_query, text_key)
+            competing = customshift.kappa is not None and self.name in customshift.kappa
+            shifts, scores = zip(*[_shift_logits(customshift, i, self.name, image_query, text_key, competing)
                                    for i in range(len(refs))], strict=True)
             shifts = list(shifts)
-            if customshift.kappa is not None and self.name in customshift.kappa and all(s is not None for s in scores):
+            if competing and all(s is not None for s in scores):
                 shifts = compete(shifts, list(scores), customshift.kappa[self.name])
             if customshift.shift_record is not None:
                 customshift.shift_record.append(shifts)

@@ -46,7 +46,7 @@ def test_kappa_zero_is_the_model_without_competition_and_one_subject_is_never_af
 
 def test_each_query_moves_to_the_subject_whose_name_it_matches():
     state, query, text_key = two_name_state(gamma=0.0)  # queries 0..2 match the robot's name, 3..5 the tree's
-    (robot, s_robot), (tree, s_tree) = (_shift_logits(state, i, "a", query, text_key) for i in range(2))
+    (robot, s_robot), (tree, s_tree) = (_shift_logits(state, i, "a", query, text_key, True) for i in range(2))
     assert torch.equal(robot, tree)  # gamma 0: no preference from m_ik
     moved = compete([robot, tree], [s_robot, s_tree], torch.tensor(0.5))
     gap = moved[0] - moved[1]
