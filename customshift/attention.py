@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,13 @@ class ReferenceSet:
     values: dict[str, Tensor]
     log_scale: Tensor
     subject_weights: Tensor | None = None
+
+    @classmethod
+    def from_rows(cls, subjects: Sequence[Any], log_scale: Tensor, subject_weights: Tensor | None) -> ReferenceSet:
+        """One set whose row p is ``subjects[p]`` (embeddings with ``keys``/``values``, each (1, H, R, d))."""
+        first = subjects[0]
+        return cls({n: torch.cat([s.keys[n] for s in subjects]) for n in first.keys},
+                   {n: torch.cat([s.values[n] for s in subjects]) for n in first.values}, log_scale, subject_weights)
 
 
 @dataclass

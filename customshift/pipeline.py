@@ -120,10 +120,8 @@ def _per_prompt_reference_sets(pipe: Any, lists: list[list[SubjectEmbedding]], s
         if len({tuple(next(iter(e.keys.values())).shape) for e in slot_items}) != 1:
             raise PromptError("subjects per prompt: every prompt's subject in one slot needs references of the "
                               "same size and count (their keys are stacked)")
-        references.append(ReferenceSet(
-            {n: torch.cat([e.keys[n] for e in slot_items]) for n in slot_items[0].keys},
-            {n: torch.cat([e.values[n] for e in slot_items]) for n in slot_items[0].values},
-            torch.full((len(rows),), math.log(scale)),
+        references.append(ReferenceSet.from_rows(
+            slot_items, torch.full((len(rows),), math.log(scale)),
             torch.cat([pipe.subject_token_weights([prompt], items[slot].subject, text_len)  # once per prompt
                        for prompt, items in zip(prompts, lists, strict=True)]).repeat_interleave(per_prompt, dim=0)))
     return references

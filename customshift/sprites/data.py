@@ -28,7 +28,7 @@ def group_from_pairs(pairs: Sequence[Any], origin: str) -> Group:
                  origin=origin, pairs=list(pairs))
 
 
-def _box_mask(context: synthetic.Context) -> np.ndarray:
+def box_mask(context: synthetic.Context) -> np.ndarray:
     """(CANVAS, CANVAS) bool: the sprite's box in a target drawn at ``context``."""
     x0, y0, side = synthetic.sprite_box(context)
     mask = np.zeros((synthetic.CANVAS, synthetic.CANVAS), dtype=bool)
@@ -126,7 +126,7 @@ class SyntheticSource:
                          targets=[load_image(p.target) for p in pairs], prompts=[p.prompt for p in pairs],
                          origin=f"synthetic item {index}", pairs=list(pairs),
                          second=(load_image(first.references[1]), first.subject_names[1]),
-                         subject_masks=[tuple(_box_mask(c) for c in p.target_contexts) for p in pairs])
+                         subject_masks=[tuple(box_mask(c) for c in p.target_contexts) for p in pairs])
         pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout,
                                        placement=placement, distractor_offsets=self.distractor_offsets)
         return group_from_pairs(pairs, f"synthetic item {index}")

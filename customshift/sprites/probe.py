@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from ..attention import ReferenceSet, build_cads_state
+from ..training.batches import token_masks
 from . import synthetic
+from .data import box_mask
 
 SIGMAS = (0.5, 0.7, 0.85, 0.95)
 CONDITIONS = ("right", "wrong", "none")
@@ -78,11 +80,7 @@ def colour_recovery(
                 kwargs = None
                 if cond != "none":
                     chosen = subjects[cond][part]
-                    reference = ReferenceSet(
-                        keys={name: torch.cat([s.keys[name] for s in chosen]) for name in chosen[0].keys},
-                        values={name: torch.cat([s.values[name] for s in chosen]) for name in chosen[0].values},
-                        log_scale=torch.zeros(n), subject_weights=weights[part],
-                    )
+                    reference = ReferenceSet.from_rows(chosen, torch.zeros(n), weights[part])
                     state = build_cads_state(pipe.customshift_config, pipe.reference_branch.shift, [reference],
                                              device=device, dtype=dtype)
                     kwargs = {"customshift": state}
@@ -121,26 +119,15 @@ def routing_shares(
     size = synthetic.CANVAS
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     targets, noise, embeds, pooled = _noised_inputs(pipe, pairs, seed, max_sequence_length)
-    sets = []
-    for k in range(2):
-        subjects = [pipe.encode_subject(p.references[k], p.subject_names[k], size, size) for p in pairs]
-        sets.append(ReferenceSet(
-            keys={name: torch.cat([s.keys[name] for s in subjects]) for name in subjects[0].keys},
-            values={name: torch.cat([s.values[name] for s in subjects]) for name in subjects[0].values},
-            log_scale=torch.zeros(len(pairs)),
-            subject_weights=torch.cat([pipe.subject_token_weights([p.prompt], p.subject_names[k], embeds.shape[1])
-                                       for p in pairs])))
-    patch = pipe.transformer.config.patch_size
-    side = targets.shape[-1] // patch
-    cell = size / side
-    centres = (np.arange(side) + 0.5) * cell
-
-    def region(context: synthetic.Context) -> torch.Tensor:
-        x0, y0, s = synthetic.sprite_box(context)
-        inside_x, inside_y = (centres >= x0) & (centres < x0 + s), (centres >= y0) & (centres < y0 + s)
-        return torch.from_numpy((inside_y[:, None] & inside_x[None, :]).ravel())
-
-    regions = torch.stack([torch.stack([region(c) for c in p.target_contexts]) for p in pairs])  # (P, 2, N)
+    sets = [ReferenceSet.from_rows(
+        [pipe.encode_subject(p.references[k], p.subject_names[k], size, size) for p in pairs],
+        torch.zeros(len(pairs)),
+        torch.cat([pipe.subject_token_weights([p.prompt], p.subject_names[k], embeds.shape[1]) for p in pairs]))
+        for k in range(2)]
+    side = targets.shape[-1] // pipe.transformer.config.patch_size
+    # The routing loss's own token masks (customshift/training/batches.py): the share reported is the one trained.
+    regions = torch.stack([token_masks([box_mask(c) for c in p.target_contexts], size, (side, side))
+                           for p in pairs]).bool()  # (P, 2, N)
     background = ~regions.any(dim=1)
     result = {}
     for sigma in sigmas:

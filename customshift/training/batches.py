@@ -22,6 +22,15 @@ logger = logging.getLogger("customshift.training.batches")
 __all__ = ["BatchBuilder"]
 
 
+def token_masks(masks: Sequence[np.ndarray], resolution: int, grid: tuple[int, int]) -> Tensor:
+    """(len(masks), tokens) {0, 1}: the image tokens each pixel mask covers (a token is covered when half its
+    pixels are), through the same resize and centre crop as the targets (`prepare_reference`)."""
+    images = [Image.fromarray(m.astype(np.uint8) * 255).convert("RGB") for m in masks]
+    pixels = np.stack([np.asarray(prepare_reference(image, resolution, resolution))[..., 0] > 127 for image in images])
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(pixels).float()[:, None], grid)
+    return (cover[:, 0] >= 0.5).float().flatten(1)
+
+
 class BatchBuilder:
     """Turns data groups into the objective's inputs; the frozen encoders' outputs are cached per prompt.
 
@@ -153,21 +162,11 @@ class BatchBuilder:
                 "second_log_scale": torch.where(off, -math.inf, 0.0).to(self.device)}
 
     def _route_masks(self, groups: Sequence[Any], latent_size: tuple[int, int]) -> Tensor:
-        """(N, 2, tokens) {0, 1}: the image tokens each subject covers in each target (a token is covered when
-        half its pixels are), through the same resize and crop as the targets; zeros where a group has none."""
+        """(N, 2, tokens) {0, 1}: the image tokens each subject covers in each target; zeros where a group has none."""
         patch = self.pipe.transformer.config.patch_size
         grid = (latent_size[0] // patch, latent_size[1] // patch)
-        rows = []
-        for group in groups:
-            for k in range(len(group.targets)):
-                if not group.subject_masks:
-                    rows.append(torch.zeros(2, grid[0] * grid[1]))
-                    continue
-                images = [Image.fromarray(m.astype(np.uint8) * 255).convert("RGB") for m in group.subject_masks[k]]
-                pixels = np.stack([np.asarray(prepare_reference(image, self.resolution, self.resolution))[..., 0] > 127
-                                   for image in images])
-                cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(pixels).float()[:, None], grid)
-                rows.append((cover[:, 0] >= 0.5).float().flatten(1))
+        rows = [token_masks(group.subject_masks[k], self.resolution, grid) if group.subject_masks
+                else torch.zeros(2, grid[0] * grid[1]) for group in groups for k in range(len(group.targets))]
         return torch.stack(rows).to(self.device)
 
     def _subject_weights(self, texts: Sequence[str], subjects: Sequence[str], length: int) -> Tensor:
