@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 # Attention projections that receive the Reference-Alignment Branch's LoRA: image-side q/k/v/out and
 # the text-side (context) projections, as in method.md section 1.
@@ -75,6 +75,11 @@ class CustomShiftConfig:
     subject_competition: bool = False
     max_sequence_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    # Fields that add a part initialised to the identity (kappa_l = 0; a LoRA whose B is 0): switched on over
+    # saved weights they give the same model, so a later training stage may switch them on
+    # (customshift/training/model.py); every other field must match the saved weights' config.
+    SWITCH_ON_LATER: ClassVar[tuple[str, ...]] = ("subject_competition", "generation_lora_rank")
 
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)

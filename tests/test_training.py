@@ -307,6 +307,26 @@ def test_a_later_stage_starts_from_saved_customshift_weights(tiny_pipe, tmp_path
                      "model.customshift.lora_rank=2")
 
 
+def test_a_later_stage_may_add_a_generation_lora_which_starts_as_the_same_model(tiny_pipe, tmp_path):
+    first = make_trainer(tiny_pipe, tmp_path / "a", *NO_DROPOUT, "checkpoint.every_steps=0")
+    weights = first.pipe.save_customshift(tmp_path / "weights")
+    groups = first.loader.next_batch()
+    later = make_trainer(tiny_pipe, tmp_path / "b", *NO_DROPOUT, "checkpoint.every_steps=0",
+                         f"model.customshift_weights={weights}", "model.customshift.generation_lora_rank=4")
+    assert later.pipe.customshift_config.generation_lora_rank == 4
+    saved, loaded = first.pipe.customshift_state_dict(), later.pipe.customshift_state_dict()
+    added = set(loaded) - set(saved)
+    assert added and all(torch.equal(loaded[k], saved[k]) for k in saved)  # the old parts exactly as saved
+    assert later.loss_on(groups, seed=0) == pytest.approx(first.loss_on(groups, seed=0), rel=1e-6)  # LoRA B = 0
+    trained = {id(p) for group in later.optimizer.param_groups for p in group["params"]}
+    lora = [p for n, p in later.pipe.transformer.named_parameters() if "lora_B" in n]
+    assert lora and all(id(p) in trained and p.requires_grad for p in lora)
+    with_lora = later.pipe.save_customshift(tmp_path / "with-lora")
+    with pytest.raises(ConfigError, match="differs from the config saved"):  # switched on once, never resized
+        make_trainer(tiny_pipe, tmp_path / "c", f"model.customshift_weights={with_lora}",
+                     "model.customshift.generation_lora_rank=2")
+
+
 @pytest.mark.parametrize("size", [1, 64])
 def test_prompt_cache_gives_the_same_batch_and_skips_the_text_encoders(tiny_pipe, tmp_path, monkeypatch, size):
     plain = make_trainer(tiny_pipe, tmp_path / "a", "checkpoint.every_steps=0")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import CustomShiftConfig
 from ..plugins import is_registered, load
 from .config import ConfigError, TrainingConfig
 
@@ -56,15 +57,17 @@ def setup_model(pipe: Any, config: TrainingConfig) -> None:
         pipe.load_customshift(config.model.customshift_weights)  # a later stage starts from earlier weights
         saved = pipe.customshift_config.to_dict()
         given = {k: v for k, v in config.model.customshift.items() if saved.get(k) != v}
-        # A later stage may turn the subjects' competition on: kappa starts at 0, so it starts from the same model.
-        compete = given.pop("subject_competition", False) is True
-        if given:
-            raise ConfigError(f"model.customshift {given} differs from the config saved with "
+        switched = {k: v for k, v in given.items() if k in CustomShiftConfig.SWITCH_ON_LATER and not saved.get(k)}
+        rest = {k: v for k, v in given.items() if k not in switched}
+        if rest:
+            raise ConfigError(f"model.customshift {rest} differs from the config saved with "
                               f"model.customshift_weights={config.model.customshift_weights}; drop it")
-        if compete:
-            state = pipe.reference_branch.trainable_state_dict()
-            pipe.set_customshift_config(pipe.customshift_config.replace(subject_competition=True))
-            pipe.reference_branch.load_trainable_state_dict({**state, "shift.kappa": pipe.reference_branch.shift.kappa})
+        if switched:  # parts that start as the identity: the stage starts from the same model
+            saved_state = pipe.reference_branch.trainable_state_dict()
+            branch = pipe.set_customshift_config(pipe.customshift_config.replace(**switched))
+            branch.load_trainable_state_dict({**branch.trainable_state_dict(), **saved_state})
+            if pipe.customshift_config.generation_lora_rank > 0:
+                pipe.add_generation_lora()
         return
     pipe.set_customshift_config(cs)
     if cs.generation_lora_rank > 0:
