@@ -90,6 +90,7 @@ def test_two_subject_metrics_are_exact():
     perfect = S.score_two_subjects([p.target for p in pairs], pairs)
     assert perfect["identity"] == 1.0 and perfect["swap_rate"] == 0.0 and perfect["prompt_accuracy"] == 1.0
     assert perfect["found"] == 1.0
+    assert perfect["background_accuracy"] == perfect["position_accuracy"] == perfect["size_accuracy"] == 1.0
 
     def swapped(p):  # each region drawn with the other subject's colours on its own silhouette
         recoloured = []
@@ -109,6 +110,13 @@ def test_two_subject_metrics_are_exact():
     half = S.score_two_subjects([only_first(p) for p in pairs], pairs)
     assert half["identity_first"] == 1.0 and half["identity_second"] == 0.0 and half["identity"] == 0.5
     assert half["found"] == 0.0 and half["prompt_accuracy"] == pytest.approx(0.6)
+    assert half["background_accuracy"] == 1.0 and half["position_accuracy"] == half["size_accuracy"] == 0.5
+
+    mixed = S.score_two_subjects([p.target if i % 2 else only_first(p) for i, p in enumerate(pairs)], pairs)
+    per = mixed["per_sample"]  # the breakdown is the five checks of prompt accuracy, sample by sample
+    for total, background, position, size in zip(per["prompt_accuracy"], per["background_accuracy"],
+                                                 per["position_accuracy"], per["size_accuracy"], strict=True):
+        assert total == pytest.approx((background + 2 * position + 2 * size) / 5)
 
 
 def test_region_assignment_follows_the_requested_positions():
@@ -172,6 +180,8 @@ def test_two_subject_track_and_demo_run_both_subjects_through_the_method(tiny_fo
     track = summary["two-subject-free"]
     assert {"identity", "swap_rate", "identity_wrong_reference", "prompt_accuracy"} <= set(track)
     assert 0 <= track["swap_rate"] <= 1 and (tmp_path / "grid-two-subject-free.png").is_file()
+    assert f"position {track['position_accuracy']:.3f}, size {track['size_accuracy']:.3f}" in (
+        tmp_path / "summary.md").read_text()
     path = demo_grid(pipe, tmp_path, n=2, steps=1, track="two-subject")
     assert path.name == "demo-two-subject.png"
     from PIL import Image

@@ -168,7 +168,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def summary_markdown(summary: dict[str, Any], tracks) -> str:
-    """One row per track; distractor tracks add touching / apart rows, two-subject tracks their swap rate."""
+    """One row per track; distractor tracks add touching / apart rows, two-subject tracks their swap rate and a
+    row breaking prompt accuracy into its checks (background, the subjects' positions, their sizes)."""
     lines = [
         "| track | identity | identity (wrong ref.) | prompt accuracy | PSNR | leakage | swap rate |",
         "|---|---|---|---|---|---|---|",
@@ -183,6 +184,9 @@ def summary_markdown(summary: dict[str, Any], tracks) -> str:
             if part in s and s[part]["n"]:
                 p = s[part]
                 lines.append(f"| {track}, {part} (n={p['n']}) | {p['identity']:.3f} | | | | {p['leakage']:.3f} | |")
+        if "position_accuracy" in s:
+            lines.append(f"| {track}, prompt checks | | | background {s['background_accuracy']:.3f}, position "
+                         f"{s['position_accuracy']:.3f}, size {s['size_accuracy']:.3f} | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -945,13 +945,16 @@ def score_two_subjects(generated_images: Sequence[np.ndarray | Image.Image],
     ``identity_first`` / ``identity_second`` per subject slot; ``swap_rate``: share of subjects (2 per image)
     whose region matches the other subject's colouring strictly better than its own on the cells both
     silhouettes share; ``prompt_accuracy``: mean of five checks (background, each subject's position and
-    size); ``found``: share of images with both regions; ``psnr`` against the target.
+    size), broken down as ``background_accuracy``, ``position_accuracy`` and ``size_accuracy`` (the latter two
+    over both subjects: what a layout failure gets wrong); ``found``: share of images with both regions; ``psnr``
+    against the target.
     """
     if len(generated_images) != len(pairs):
         raise ValueError(f"{len(generated_images)} images for {len(pairs)} pairs")
     if not pairs:
         raise ValueError("score_two_subjects needs at least one pair")
-    keys = ("identity", "identity_first", "identity_second", "swap_rate", "prompt_accuracy", "found", "psnr")
+    keys = ("identity", "identity_first", "identity_second", "swap_rate", "prompt_accuracy", "background_accuracy",
+            "position_accuracy", "size_accuracy", "found", "psnr")
     per: dict[str, list] = {k: [] for k in keys}
     for img, pair in zip(generated_images, pairs, strict=True):
         arr = _as_image(img)
@@ -976,6 +979,9 @@ def score_two_subjects(generated_images: Sequence[np.ndarray | Image.Image],
         per["identity_second"].append(ids[1])
         per["swap_rate"].append(float(np.mean(swaps)))
         per["prompt_accuracy"].append(float(np.mean(checks)))
+        per["background_accuracy"].append(float(checks[0]))
+        per["position_accuracy"].append(float(np.mean(checks[1::2])))
+        per["size_accuracy"].append(float(np.mean(checks[2::2])))
         per["found"].append(float(len(regions) == 2))
         per["psnr"].append(min(psnr(arr, pair.target), PSNR_CAP))
     out: dict = {k: float(np.mean(per[k])) for k in keys}
