@@ -27,9 +27,9 @@ def sprite_sized_folder(tmp_path_factory):
 @pytest.mark.parametrize("track", ["clean", "distractor"])
 def test_cells_are_read_exactly_at_the_known_box(track):
     pairs = synthetic.evaluation_split(n=24, track=track)
-    assert all(_cell_accuracy(p.target, p) == 1.0 for p in pairs)
+    assert all(_cell_accuracy(p.target, p.subject, p.target_context) == 1.0 for p in pairs)
     # Another subject's target in the same context scores what the colourings share, below 1.
-    wrong = [_cell_accuracy(synthetic.render(q.subject, p.target_context), p)
+    wrong = [_cell_accuracy(synthetic.render(q.subject, p.target_context), p.subject, p.target_context)
              for p, q in zip(pairs, pairs[1:], strict=False)]
     assert max(wrong) < 1.0 and np.mean(wrong) < 0.5
 
@@ -97,6 +97,21 @@ def test_routing_shares_without_subject_relevance_are_even_with_the_mass_of_the_
     pipe.set_customshift_config(CustomShiftConfig(lora_rank=0, cads_shift="mass", beta_init=beta, gamma_init=8.0))
     routed = routing_shares(pipe, synthetic.two_subject_split(n=2), (0.9,), max_sequence_length=16)
     assert routed["0.9"]["own"] != pytest.approx(0.5, abs=1e-4)
+    assert 0 <= routed["0.9"]["recovery"] <= 1 and 0 <= routed["0.9"]["recovery_wrong"] <= 1
+
+
+def test_routing_probe_colour_recovery_control_equals_when_the_references_carry_no_mass(sprite_sized_folder):
+    from customshift.pipeline import CustomShiftPipeline
+    from customshift.sprites.probe import routing_shares
+
+    torch.set_num_threads(1)
+    pipe = CustomShiftPipeline.from_pretrained(sprite_sized_folder)
+    pipe.set_customshift_config(CustomShiftConfig(lora_rank=0, cads_shift="mass", beta_init=-80.0, gamma_init=0.0))
+    row = routing_shares(pipe, synthetic.two_subject_split(n=3), (0.9,), max_sequence_length=16)["0.9"]
+    assert row["region_mass"] < 1e-30 and row["recovery"] == row["recovery_wrong"]
+    pipe.set_customshift_config(CustomShiftConfig(lora_rank=0, cads_shift="mass", beta_init=4.0, gamma_init=0.0))
+    row = routing_shares(pipe, synthetic.two_subject_split(n=3), (0.9,), max_sequence_length=16)["0.9"]
+    assert row["region_mass"] > 0.9  # the same pairs with the references switched on
 
 
 def test_cli_probe_routing_prints_the_table(sprite_sized_folder, tmp_path):
@@ -107,4 +122,5 @@ def test_cli_probe_routing_prints_the_table(sprite_sized_folder, tmp_path):
                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "| sigma | own share |" in result.output
-    assert set(json.loads(out.read_text())["0.95"]) == {"own", "region_mass", "background_mass"}
+    assert set(json.loads(out.read_text())["0.95"]) == {"own", "region_mass", "background_mass", "recovery",
+                                                         "recovery_wrong"}

@@ -27,11 +27,21 @@ SIGMAS = (0.5, 0.7, 0.85, 0.95)
 CONDITIONS = ("right", "wrong", "none")
 
 
-def _cell_accuracy(image: np.ndarray, pair: synthetic.Pair) -> float:
-    x0, y0, side = synthetic.sprite_box(pair.target_context)
+def _cell_accuracy(image: np.ndarray, subject: synthetic.Subject, context: synthetic.Context) -> float:
+    """The share of the subject's silhouette cells that have its colour at its box in ``context``."""
+    x0, y0, side = synthetic.sprite_box(context)
     cells = synthetic.read_cells(image, (x0, y0, side, side))
-    mask = synthetic.SILHOUETTES[pair.subject.cls]
-    return float((cells[mask] == pair.subject.color_grid()[mask]).mean())
+    mask = synthetic.SILHOUETTES[subject.cls]
+    return float((cells[mask] == subject.color_grid()[mask]).mean())
+
+
+def _decoded_estimates(pipe: Any, noisy: torch.Tensor, sigma: float, velocity: torch.Tensor) -> list[np.ndarray]:
+    """The clean-image estimates x0 = x_t - sigma * v, decoded to uint8 images."""
+    estimate = noisy.float() - sigma * velocity.float()
+    latents = estimate / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+    decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+    images = pipe.image_processor.postprocess(decoded, output_type="np")
+    return [(np.clip(image, 0, 1) * 255).round().astype(np.uint8) for image in images]
 
 
 def _noised_inputs(pipe: Any, pairs: Sequence[Any], seed: int, max_sequence_length: int | None) -> tuple:
@@ -89,12 +99,9 @@ def colour_recovery(
                     encoder_hidden_states=embeds[part], pooled_projections=pooled[part],
                     joint_attention_kwargs=kwargs, return_dict=False,
                 )[0]
-                estimate = noisy[part].float() - sigma * velocity.float()
-                latents = estimate / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
-                decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-                images = pipe.image_processor.postprocess(decoded, output_type="np")
-                for image, pair in zip(images, pairs[part], strict=True):
-                    scores.append(_cell_accuracy((np.clip(image, 0, 1) * 255).round().astype(np.uint8), pair))
+                for image, pair in zip(_decoded_estimates(pipe, noisy[part], sigma, velocity), pairs[part],
+                                       strict=True):
+                    scores.append(_cell_accuracy(image, pair.subject, pair.target_context))
             result[cond][f"{sigma:g}"] = float(np.mean(scores))
     return result
 
@@ -108,22 +115,35 @@ def routing_shares(
     seed: int = 0,
     max_sequence_length: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Where two subjects' references go: ``{sigma: {own, region_mass, background_mass}}`` over ``pairs``.
+    """Where two subjects' references go, and what they bring: ``{sigma: {own, region_mass, background_mass,
+    recovery, recovery_wrong}}`` over ``pairs``.
 
     One forward per sigma with both references (each with its own name's m_ik) on the noised targets. From
     each CADS layer's shifts (the mass form's log-odds) per image token: ``own`` is the share of a subject's
     region's reference mass that goes to that subject's own reference, sigmoid(beta_own - beta_other), averaged
     over both regions, pairs and layers (0.5: no routing, 1: each region reads only its own subject);
     ``region_mass`` and ``background_mass`` are the total mass on the references inside the regions and outside.
+    ``recovery`` is the share of both sprites' cells whose colour the clean-image estimate gets right, where the
+    layout is the target's (as `colour_recovery` for one subject); ``recovery_wrong`` the same with the next
+    pair's two references (the control): a gap means the references' colours reach their sprites.
     """
     size = synthetic.CANVAS
     device, dtype = pipe.transformer.device, pipe.transformer.dtype
     targets, noise, embeds, pooled = _noised_inputs(pipe, pairs, seed, max_sequence_length)
-    sets = [ReferenceSet.from_rows(
-        [pipe.encode_subject(p.references[k], p.subject_names[k], size, size) for p in pairs],
-        torch.zeros(len(pairs)),
-        torch.cat([pipe.subject_token_weights([p.prompt], p.subject_names[k], embeds.shape[1]) for p in pairs]))
-        for k in range(2)]
+    if len(pairs) < 2:
+        raise ValueError("the probe needs at least two pairs (the wrong references are another pair's)")
+
+    def reference_sets(sources: Sequence[synthetic.TwoSubjectPair]) -> list[ReferenceSet]:
+        """Slot k holds ``sources[p]``'s k-th reference under pair p's own k-th name."""
+        return [ReferenceSet.from_rows(
+            [pipe.encode_subject(src.references[k], p.subject_names[k], size, size)
+             for src, p in zip(sources, pairs, strict=True)],
+            torch.zeros(len(pairs)),
+            torch.cat([pipe.subject_token_weights([p.prompt], p.subject_names[k], embeds.shape[1]) for p in pairs]))
+            for k in range(2)]
+
+    sets = {"right": reference_sets(pairs), "wrong": reference_sets([pairs[(i + 1) % len(pairs)]
+                                                                      for i in range(len(pairs))])}
     side = targets.shape[-1] // pipe.transformer.config.patch_size
     # The routing loss's own token masks (customshift/training/batches.py): the share reported is the one trained.
     regions = torch.stack([token_masks([box_mask(c) for c in p.target_contexts], size, (side, side))
@@ -131,15 +151,23 @@ def routing_shares(
     background = ~regions.any(dim=1)
     result = {}
     for sigma in sigmas:
-        state = build_cads_state(pipe.customshift_config, pipe.reference_branch.shift, sets, device=device,
-                                 dtype=dtype)
-        state.shift_record = []
         noisy = ((1.0 - sigma) * targets + sigma * noise).to(dtype)
-        pipe.transformer(hidden_states=noisy, timestep=torch.full((len(pairs),), sigma * 1000.0, device=device),
-                         encoder_hidden_states=embeds, pooled_projections=pooled,
-                         joint_attention_kwargs={"customshift": state}, return_dict=False)
+        recovery, records = {}, {}
+        for cond, chosen in sets.items():
+            state = build_cads_state(pipe.customshift_config, pipe.reference_branch.shift, chosen, device=device,
+                                     dtype=dtype)
+            state.shift_record = []
+            velocity = pipe.transformer(
+                hidden_states=noisy, timestep=torch.full((len(pairs),), sigma * 1000.0, device=device),
+                encoder_hidden_states=embeds, pooled_projections=pooled, joint_attention_kwargs={"customshift": state},
+                return_dict=False)[0]
+            images = _decoded_estimates(pipe, noisy, sigma, velocity)
+            recovery[cond] = float(np.mean([_cell_accuracy(image, subject, context)
+                                            for image, p in zip(images, pairs, strict=True)
+                                            for subject, context in zip(p.subjects, p.target_contexts, strict=True)]))
+            records[cond] = state.shift_record
         own, region_mass, background_mass = [], [], []
-        for first, second in state.shift_record:
+        for first, second in records["right"]:
             first, second = first.float().cpu(), second.float().cpu()
             share = torch.sigmoid(first - second)  # of the references' mass, the share of the first subject
             mass = 1.0 - torch.softmax(torch.stack([torch.zeros_like(first), first, second]), dim=0)[0]
@@ -147,7 +175,8 @@ def routing_shares(
             region_mass.append((mass * regions.any(dim=1)).sum() / regions.any(dim=1).sum())
             background_mass.append((mass * background).sum() / background.sum().clamp(min=1))
         result[f"{sigma:g}"] = {"own": float(np.mean(own)), "region_mass": float(np.mean(region_mass)),
-                                "background_mass": float(np.mean(background_mass))}
+                                "background_mass": float(np.mean(background_mass)),
+                                "recovery": recovery["right"], "recovery_wrong": recovery["wrong"]}
     return result
 
 
@@ -204,9 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = load_model(args.model)
     if args.routing:
         shares = routing_shares(pipe, synthetic.two_subject_split(n=args.n))
-        print("| sigma | own share | mass in regions | mass in background |\n|---|---|---|---|")
+        print("| sigma | own share | mass in regions | mass in background | colour recovery | wrong references |\n"
+              "|---|---|---|---|---|---|")
         for sigma, row in shares.items():
-            print(f"| {sigma} | {row['own']:.3f} | {row['region_mass']:.3f} | {row['background_mass']:.3f} |")
+            print(f"| {sigma} | {row['own']:.3f} | {row['region_mass']:.3f} | {row['background_mass']:.3f} | "
+                  f"{row['recovery']:.3f} | {row['recovery_wrong']:.3f} |")
         if args.json:
             from ..io import atomic_write_json
 
