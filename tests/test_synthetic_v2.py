@@ -85,6 +85,13 @@ def test_two_subject_pairs_follow_the_spec():
     assert [p.prompt for p in S.two_subject_split(8)] == [p.prompt for p in pairs[:8]]
 
 
+def test_wrong_partners_are_the_next_pair_for_one_and_two_subjects():
+    two = S.two_subject_split(3)
+    assert S.wrong_partners(two) == [two[1], two[2], two[0]]
+    with pytest.raises(ValueError, match="two pairs"):
+        S.wrong_partners(two[:1])
+
+
 def test_two_subject_metrics_are_exact():
     pairs = S.two_subject_split(16)
     perfect = S.score_two_subjects([p.target for p in pairs], pairs)

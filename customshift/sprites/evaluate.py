@@ -111,7 +111,7 @@ def evaluate_track(pipe, name: str, *, n: int = 64, seed: int = 0, layout: str =
     pairs = track_pairs(name, n, layout)
     score = synthetic.score_two_subjects if TRACKS[name].get("two_subjects") else synthetic.score
     images = generate_pairs(pipe, pairs, seed=seed, **generation)
-    wrong_refs = [_references_of(pairs[(k + 1) % len(pairs)]) for k in range(len(pairs))]  # reference k+1
+    wrong_refs = [_references_of(partner) for partner in synthetic.wrong_partners(pairs)]
     wrong = generate_pairs(pipe, pairs, wrong_refs, seed=seed, **generation)
     scores, wrong_scores = score(images, pairs), score(wrong, pairs)
     summary = {k: v for k, v in scores.items() if k != "per_sample"}

@@ -142,8 +142,7 @@ def routing_shares(
             torch.cat([pipe.subject_token_weights([p.prompt], p.subject_names[k], embeds.shape[1]) for p in pairs]))
             for k in range(2)]
 
-    sets = {"right": reference_sets(pairs), "wrong": reference_sets([pairs[(i + 1) % len(pairs)]
-                                                                      for i in range(len(pairs))])}
+    sets = {"right": reference_sets(pairs), "wrong": reference_sets(synthetic.wrong_partners(pairs))}
     side = targets.shape[-1] // pipe.transformer.config.patch_size
     # The routing loss's own token masks (customshift/training/batches.py): the share reported is the one trained.
     regions = torch.stack([token_masks([box_mask(c) for c in p.target_contexts], size, (side, side))
@@ -152,11 +151,12 @@ def routing_shares(
     result = {}
     for sigma in sigmas:
         noisy = ((1.0 - sigma) * targets + sigma * noise).to(dtype)
-        recovery, records = {}, {}
+        recovery, record = {}, []
         for cond, chosen in sets.items():
             state = build_cads_state(pipe.customshift_config, pipe.reference_branch.shift, chosen, device=device,
                                      dtype=dtype)
-            state.shift_record = []
+            if cond == "right":  # the shares are read from the right references' forward only
+                state.shift_record = []
             velocity = pipe.transformer(
                 hidden_states=noisy, timestep=torch.full((len(pairs),), sigma * 1000.0, device=device),
                 encoder_hidden_states=embeds, pooled_projections=pooled, joint_attention_kwargs={"customshift": state},
@@ -165,9 +165,10 @@ def routing_shares(
             recovery[cond] = float(np.mean([_cell_accuracy(image, subject, context)
                                             for image, p in zip(images, pairs, strict=True)
                                             for subject, context in zip(p.subjects, p.target_contexts, strict=True)]))
-            records[cond] = state.shift_record
+            if cond == "right":
+                record = state.shift_record
         own, region_mass, background_mass = [], [], []
-        for first, second in records["right"]:
+        for first, second in record:
             first, second = first.float().cpu(), second.float().cpu()
             share = torch.sigmoid(first - second)  # of the references' mass, the share of the first subject
             mass = 1.0 - torch.softmax(torch.stack([torch.zeros_like(first), first, second]), dim=0)[0]

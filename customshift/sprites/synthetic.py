@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -603,11 +604,20 @@ def evaluation_split(n: int = 64, track: str = "clean", seed: int = 0, layout: s
     ]
 
 
-def wrong_references(pairs: Sequence[Pair]) -> list[np.ndarray]:
-    """Reference k+1 for pair k (cyclic): the wrong-reference control (equal identity = the reference is ignored)."""
+PairT = TypeVar("PairT")
+
+
+def wrong_partners(pairs: Sequence[PairT]) -> list[PairT]:
+    """Pair k+1 for pair k (cyclic): whose references make the wrong-reference control of pair k (one subject or
+    two), so equal identity with right and wrong references means the references are ignored."""
     if len(pairs) < 2:
         raise ValueError("need at least two pairs to build wrong references")
-    return [pairs[(k + 1) % len(pairs)].reference for k in range(len(pairs))]
+    return [pairs[(k + 1) % len(pairs)] for k in range(len(pairs))]
+
+
+def wrong_references(pairs: Sequence[Pair]) -> list[np.ndarray]:
+    """The reference of `wrong_partners` for each one-subject pair."""
+    return [partner.reference for partner in wrong_partners(pairs)]
 
 
 # ----------------------------------------------------------------------------------------------
