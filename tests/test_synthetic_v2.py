@@ -213,3 +213,23 @@ def test_demo_and_evaluate_check_numbers_and_device_before_loading(tmp_path, com
     result = CliRunner().invoke(app, [*command.split(), "--out", str(out), *extra])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_identity_is_broken_down_by_sprite_size_counting_each_subject():
+    from customshift.sprites.evaluate import _size_breakdown, summary_markdown
+
+    pairs = S.evaluation_split(8, "clean")
+    blank = np.zeros_like(pairs[0].target)
+    images = [p.target if p.target_context.size == "small" else blank for p in pairs]
+    sizes = _size_breakdown(S.score(images, pairs), pairs)
+    n_small = sum(p.target_context.size == "small" for p in pairs)
+    assert 0 < n_small < 8 and sizes["small"] == {"n": n_small, "identity": 1.0}
+    assert sizes["large"] == {"n": 8 - n_small, "identity": 0.0}
+
+    two = S.two_subject_split(4)
+    sizes = _size_breakdown(S.score_two_subjects([p.target for p in two], two), two)
+    assert sizes["small"]["n"] + sizes["large"]["n"] == 8
+    assert all(part.get("identity", 1.0) == 1.0 for part in sizes.values())
+    row = {"identity": 0.5, "identity_wrong_reference": 0.1, "prompt_accuracy": 1.0, "psnr": 20.0, "by_size": sizes}
+    assert f"| two-subject, small sprites (n={sizes['small']['n']}) | 1.000 |" in summary_markdown(
+        {"two-subject": row}, ["two-subject"])

@@ -104,6 +104,20 @@ def _breakdown(scores: dict[str, Any], pairs: list) -> dict[str, Any]:
     return out
 
 
+def _size_breakdown(scores: dict[str, Any], pairs: list) -> dict[str, Any]:
+    """Identity per requested sprite size (small: one 4-px token per cell; large: 2 x 2 tokens), so a gap can
+    be read as the size it comes from; a two-subject pair counts each of its subjects under its own size."""
+    per = scores["per_sample"]
+    found: dict[str, list[float]] = {name: [] for name in synthetic.SIZES}
+    for k, pair in enumerate(pairs):
+        if isinstance(pair, synthetic.TwoSubjectPair):
+            for ctx, key in zip(pair.target_contexts, ("identity_first", "identity_second"), strict=True):
+                found[ctx.size].append(per[key][k])
+        else:
+            found[pair.target_context.size].append(per["identity"][k])
+    return {name: {"n": len(ids)} | ({"identity": float(np.mean(ids))} if ids else {}) for name, ids in found.items()}
+
+
 def evaluate_track(pipe, name: str, *, n: int = 64, seed: int = 0, layout: str = "random",
                    **generation: Any) -> tuple[dict[str, Any], list, list[np.ndarray]]:
     """Scores of one track with its wrong-reference control (each pair generated with reference k+1);
@@ -118,6 +132,7 @@ def evaluate_track(pipe, name: str, *, n: int = 64, seed: int = 0, layout: str =
     summary["identity_wrong_reference"] = wrong_scores["identity"]
     if TRACKS[name].get("track") == "distractor":
         summary |= _breakdown(scores, pairs)
+    summary["by_size"] = _size_breakdown(scores, pairs)
     return summary, pairs, images
 
 
@@ -168,8 +183,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def summary_markdown(summary: dict[str, Any], tracks) -> str:
-    """One row per track; distractor tracks add touching / apart rows, two-subject tracks their swap rate and a
-    row breaking prompt accuracy into its checks (background, the subjects' positions, their sizes)."""
+    """One row per track; distractor tracks add touching / apart rows, every track identity per sprite size
+    (a two-subject track counts subjects, not images), two-subject tracks their swap rate and a row breaking
+    prompt accuracy into its checks (background, the subjects' positions, their sizes)."""
     lines = [
         "| track | identity | identity (wrong ref.) | prompt accuracy | PSNR | leakage | swap rate |",
         "|---|---|---|---|---|---|---|",
@@ -184,6 +200,9 @@ def summary_markdown(summary: dict[str, Any], tracks) -> str:
             if part in s and s[part]["n"]:
                 p = s[part]
                 lines.append(f"| {track}, {part} (n={p['n']}) | {p['identity']:.3f} | | | | {p['leakage']:.3f} | |")
+        for size, p in s.get("by_size", {}).items():
+            if p["n"]:
+                lines.append(f"| {track}, {size} sprites (n={p['n']}) | {p['identity']:.3f} | | | | | |")
         if "position_accuracy" in s:
             lines.append(f"| {track}, prompt checks | | | background {s['background_accuracy']:.3f}, position "
                          f"{s['position_accuracy']:.3f}, size {s['size_accuracy']:.3f} | | | |")

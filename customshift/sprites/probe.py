@@ -155,8 +155,7 @@ def routing_shares(
         for cond, chosen in sets.items():
             state = build_cads_state(pipe.customshift_config, pipe.reference_branch.shift, chosen, device=device,
                                      dtype=dtype)
-            if cond == "right":  # the shares are read from the right references' forward only
-                state.shift_record = []
+            state.shift_record = record if cond == "right" else None  # shares from the right references only
             velocity = pipe.transformer(
                 hidden_states=noisy, timestep=torch.full((len(pairs),), sigma * 1000.0, device=device),
                 encoder_hidden_states=embeds, pooled_projections=pooled, joint_attention_kwargs={"customshift": state},
@@ -165,8 +164,6 @@ def routing_shares(
             recovery[cond] = float(np.mean([_cell_accuracy(image, subject, context)
                                             for image, p in zip(images, pairs, strict=True)
                                             for subject, context in zip(p.subjects, p.target_contexts, strict=True)]))
-            if cond == "right":
-                record = state.shift_record
         own, region_mass, background_mass = [], [], []
         for first, second in record:
             first, second = first.float().cpu(), second.float().cpu()
