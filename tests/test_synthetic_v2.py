@@ -233,3 +233,47 @@ def test_identity_is_broken_down_by_sprite_size_counting_each_subject():
     row = {"identity": 0.5, "identity_wrong_reference": 0.1, "prompt_accuracy": 1.0, "psnr": 20.0, "by_size": sizes}
     assert f"| two-subject, small sprites (n={sizes['small']['n']}) | 1.000 |" in summary_markdown(
         {"two-subject": row}, ["two-subject"])
+
+
+@pytest.mark.parametrize(("placement", "offsets"), [("grid", "grid"), ("free", "any"), ("grid", "any")])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_reference_size_and_touching_contact_are_what_they_ask_for(placement, offsets, size):
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        (p,) = S.sample_group(rng, 1, track="distractor", placement=placement, distractor_offsets=offsets,
+                              reference_size=size, distractor_contact="touching")
+        assert p.reference_context.size == size and p.reference_box[2] == S.GRID * S.SIZES[size]
+        assert p.touching
+        np.testing.assert_array_equal(p.reference, S.render_boxes(
+            p.reference_context.background, [(p.subject, p.reference_box), (p.distractor, p.distractor_box)]))
+
+
+def test_apart_contact_keeps_a_gap_and_an_impossible_one_is_an_error():
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        (p,) = S.sample_group(rng, 1, track="distractor", placement="free", distractor_offsets="any",
+                              distractor_contact="apart")
+        assert S.box_gap(p.reference_box, p.distractor_box) > 0
+    # On the grid a large subject leaves room only for distractors that touch it.
+    with pytest.raises(ValueError, match="no large reference with grid placement admits a apart distractor"):
+        S.sample_group(rng, 1, track="distractor", reference_size="large", distractor_contact="apart")
+
+
+def test_source_size_and_touching_shares_shape_the_stream_and_unset_draws_nothing():
+    from customshift.sprites.data import SyntheticSource
+
+    plain = SyntheticSource(5, track={"clean": 0.5, "distractor": 0.5}, placement={"grid": 0.5, "free": 0.5},
+                            distractor_offsets="any")
+    unset = SyntheticSource(5, track={"clean": 0.5, "distractor": 0.5}, placement={"grid": 0.5, "free": 0.5},
+                            distractor_offsets="any", reference_size=None, distractor_touching=None)
+    for i in range(8):
+        np.testing.assert_array_equal(plain.get(i).reference, unset.get(i).reference)
+    leaning = SyntheticSource(5, track="distractor", distractor_offsets="any", reference_size="large",
+                              distractor_touching=1.0)
+    pairs = [leaning.get(i).pairs[0] for i in range(16)]
+    assert all(p.touching and p.reference_context.size == "large" for p in pairs)
+    mixed = [SyntheticSource(5, track="distractor", distractor_offsets="any", distractor_touching=0.5).get(i)
+             .pairs[0].touching for i in range(64)]
+    assert 16 < sum(mixed) < 56  # about half touch; untouched draws at any offset almost never do
+    with pytest.raises(ValueError, match="data.distractor_touching must be a share"):
+        SyntheticSource(5, distractor_touching=2)

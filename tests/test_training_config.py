@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "tiny-smoke.yaml"
 FIXTURES = Path(__file__).parent / "fixtures"
 # keys added since the snapshot
-NEW_DEFAULTS = {"train": {"report_to": "auto", "detect_anomaly": False, "routing_loss_weight": 0.0}}
+NEW_DEFAULTS = {"train": {"report_to": "auto", "detect_anomaly": False, "routing_loss_weight": 0.0},
+                "data": {"reference_size": None, "distractor_touching": None}}
 
 
 def test_every_recipe_resolves_to_the_config_it_had_before_the_rewrite():
@@ -106,6 +107,9 @@ BAD = [
     ("model.customshift.cads_form=3", "model.customshift.cads_form must be 'split' or 'mask', got 3"),
     ("model.customshift.beta_init=x", "model.customshift.beta_init must be a number"),
     ("model.customshift.nope=1", "unknown config key model.customshift.nope"),
+    ("data.reference_size=huge", "data.reference_size: unknown reference size ['huge']"),
+    ("data.distractor_touching=1.5", "data.distractor_touching must be <= 1"),
+    ("data.distractor_touching=yes", "data.distractor_touching must be a number"),
     ("data.curriculum=[{until_step: 2, layout: bogus}]", "data.curriculum: stage 0: unknown layout"),
     ("train.prompt_dropout=0.9", "must be at most 1"),
     ("output_dir=5", "output_dir must be a string, got 5"),

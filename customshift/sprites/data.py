@@ -63,8 +63,11 @@ class SyntheticSource:
         items_per_step: int = 1,
         placement: Spec = "grid",
         distractor_offsets: str = "grid",
+        reference_size: Spec | None = None,
+        distractor_touching: float | None = None,
     ) -> None:
-        self.check_options(track, layout, curriculum, placement, distractor_offsets)
+        self.check_options(track, layout, curriculum, placement, distractor_offsets, reference_size,
+                           distractor_touching)
         self.seed = int(seed)
         self.targets_per_reference = int(targets_per_reference)
         self.track = track
@@ -73,25 +76,35 @@ class SyntheticSource:
         self.items_per_step = max(1, int(items_per_step))
         self.placement = placement
         self.distractor_offsets = distractor_offsets
+        self.reference_size = reference_size
+        self.distractor_touching = distractor_touching
 
     @classmethod
     def from_config(cls, data: Any, seed: int, items_per_step: int) -> SyntheticSource:
         return cls(seed, data.targets_per_reference, data.track, data.layout, data.curriculum, items_per_step,
-                   data.placement, data.distractor_offsets)
+                   data.placement, data.distractor_offsets, data.reference_size, data.distractor_touching)
 
     @classmethod
     def check_config(cls, data: Any) -> None:
         """Called by customshift/training/config.py on a `DataConfig` naming this source."""
-        cls.check_options(data.track, data.layout, data.curriculum, data.placement, data.distractor_offsets)
+        cls.check_options(data.track, data.layout, data.curriculum, data.placement, data.distractor_offsets,
+                          data.reference_size, data.distractor_touching)
 
     @staticmethod
     def check_options(track: Spec, layout: Spec, curriculum: Sequence[Mapping[str, Any]], placement: Spec,
-                      distractor_offsets: str) -> None:
-        """ValueError naming the ``data.`` key of the first unknown name (the config calls it before loading)."""
+                      distractor_offsets: str, reference_size: Spec | None = None,
+                      distractor_touching: float | None = None) -> None:
+        """ValueError naming the ``data.`` key of the first bad value (the config calls it before loading)."""
         for key, spec, allowed in (("track", track, synthetic.TRAINING_TRACKS), ("layout", layout, synthetic.LAYOUTS),
                                    ("placement", placement, synthetic.PLACEMENTS),
-                                   ("distractor_offsets", distractor_offsets, synthetic.DISTRACTOR_OFFSETS)):
-            _check_names(f"data.{key}", key.replace("_", " "), spec, allowed)
+                                   ("distractor_offsets", distractor_offsets, synthetic.DISTRACTOR_OFFSETS),
+                                   ("reference_size", reference_size, synthetic.SIZE_NAMES)):
+            if spec is not None:
+                _check_names(f"data.{key}", key.replace("_", " "), spec, allowed)
+        if distractor_touching is not None and (
+                isinstance(distractor_touching, bool) or not isinstance(distractor_touching, int | float)
+                or not 0 <= distractor_touching <= 1):
+            raise ValueError(f"data.distractor_touching must be a share in [0, 1], got {distractor_touching!r}")
         for i, stage in enumerate(curriculum):
             where = f"data.curriculum: stage {i}"
             if not isinstance(stage, Mapping) or "until_step" not in stage:
@@ -127,8 +140,14 @@ class SyntheticSource:
                          origin=f"synthetic item {index}", pairs=list(pairs),
                          second=(load_image(first.references[1]), first.subject_names[1]),
                          subject_masks=[tuple(box_mask(c) for c in p.target_contexts) for p in pairs])
+        # The size and contact options draw only when set, so configs without them keep their item streams.
+        size = None if self.reference_size is None else synthetic.draw_weighted(rng, self.reference_size)
+        contact = None
+        if track == "distractor" and self.distractor_touching is not None:
+            contact = "touching" if rng.random() < self.distractor_touching else None
         pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout,
-                                       placement=placement, distractor_offsets=self.distractor_offsets)
+                                       placement=placement, distractor_offsets=self.distractor_offsets,
+                                       reference_size=size, distractor_contact=contact)
         return group_from_pairs(pairs, f"synthetic item {index}")
 
     # -- what the trainer's validation uses (customshift/training/validation.py) ---------------------------

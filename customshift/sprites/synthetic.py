@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
@@ -82,6 +82,8 @@ LAYOUTS: tuple[str, ...] = ("random", "same_layout", "same_size")
 # offset, boxes may touch, as the spec allows).
 PLACEMENTS: tuple[str, ...] = ("grid", "free")
 DISTRACTOR_OFFSETS: tuple[str, ...] = ("grid", "any")
+CONTACTS: tuple[str, ...] = ("touching", "apart")  # a distractor's box against the subject's (boxes_touch)
+MAX_REDRAWS = 1000  # references redrawn before a distractor constraint is declared impossible
 MIN_TARGET_GAP = 4  # two-subject targets: the two boxes at least this many px apart
 
 _BG_ARRAY = np.array(list(BACKGROUNDS.values()), dtype=np.int64)
@@ -413,23 +415,47 @@ def _random_box(rng: np.random.Generator, size: str) -> tuple[int, int, int]:
     return x0, y0, side
 
 
-def _reference_placement(rng: np.random.Generator, placement: str) -> tuple[Context, tuple[int, int, int]]:
-    """The reference's context and subject box: on the prompt grid, or (``free``) at any pixel offset."""
+def _reference_placement(rng: np.random.Generator, placement: str,
+                         size: str | None = None) -> tuple[Context, tuple[int, int, int]]:
+    """The reference's context and subject box: on the prompt grid, or (``free``) at any pixel offset.
+
+    ``size`` forces the subject's size (the grid context is still drawn whole, then resized).
+    """
     if placement == "grid":
         ctx = sample_context(rng)
+        ctx = ctx if size is None else replace(ctx, size=size)
         return ctx, sprite_box(ctx)
-    box = _random_box(rng, _pick(rng, SIZE_NAMES))
+    box = _random_box(rng, size or _pick(rng, SIZE_NAMES))
     return context_of_box(box, _pick(rng, BACKGROUND_NAMES)), box
 
 
+def _in_contact(a: tuple[int, int, int], b: tuple[int, int, int], contact: str | None) -> bool:
+    """Whether non-overlapping boxes meet ``contact`` (None: either)."""
+    if contact is None:
+        return True
+    return boxes_touch(a, b) if contact == "touching" else box_gap(a, b) > 0
+
+
 def _distractor_anywhere(rng: np.random.Generator, subject_box: tuple[int, int, int], background: str,
-                         tries: int = 32) -> tuple[Context, tuple[int, int, int]] | None:
-    """A distractor box at any pixel offset that does not overlap the subject's (touching allowed)."""
-    for _ in range(tries):
-        box = _random_box(rng, _pick(rng, SIZE_NAMES))
-        if not boxes_overlap(box, subject_box):
-            return context_of_box(box, background), box
-    return None
+                         contact: str | None = None, tries: int = 32) -> tuple[Context, tuple[int, int, int]] | None:
+    """A distractor box at any pixel offset that does not overlap the subject's (touching allowed).
+
+    With ``contact`` the box is drawn uniformly among every offset that meets it (touching boxes are too rare
+    for rejection sampling); None when the drawn size has none.
+    """
+    if contact is None:
+        for _ in range(tries):
+            box = _random_box(rng, _pick(rng, SIZE_NAMES))
+            if not boxes_overlap(box, subject_box):
+                return context_of_box(box, background), box
+        return None
+    side = GRID * SIZES[_pick(rng, SIZE_NAMES)]
+    boxes = [(x, y, side) for y in range(CANVAS - side + 1) for x in range(CANVAS - side + 1)]
+    options = [b for b in boxes if not boxes_overlap(b, subject_box) and _in_contact(b, subject_box, contact)]
+    if not options:
+        return None
+    box = options[int(rng.integers(len(options)))]
+    return context_of_box(box, background), box
 
 
 def sample_group(
@@ -440,6 +466,8 @@ def sample_group(
     layout: str = "random",
     placement: str = "grid",
     distractor_offsets: str = "grid",
+    reference_size: str | None = None,
+    distractor_contact: str | None = None,
 ) -> list[Pair]:
     """``n_targets`` pairs sharing one reference (same subject, reference image and distractor).
 
@@ -450,35 +478,45 @@ def sample_group(
     the reference's subject on the prompt grid, ``free`` at any pixel offset (its context then names the
     thirds holding its centre). ``distractor_offsets``: ``grid`` is version 1's rule (a grid position),
     ``any`` the spec's (any pixel offset, boxes may touch). With ``grid``/``grid`` the stream is exactly
-    version 1's. When a reference leaves no room for a distractor, the reference is redrawn.
+    version 1's. ``reference_size`` forces the reference subject's size and ``distractor_contact``
+    (``touching``/``apart``) the distractor's contact with it; None (the default) draws nothing extra.
+    When a reference leaves no room for such a distractor, the reference is redrawn.
     """
     _check_choice(track, TRACKS, "track")
     _check_choice(layout, LAYOUTS, "layout")
     _check_choice(placement, PLACEMENTS, "placement")
     _check_choice(distractor_offsets, DISTRACTOR_OFFSETS, "distractor_offsets")
+    if reference_size is not None:
+        _check_choice(reference_size, SIZE_NAMES, "reference_size")
+    if distractor_contact is not None:
+        _check_choice(distractor_contact, CONTACTS, "distractor_contact")
     if n_targets < 1:
         raise ValueError(f"n_targets must be >= 1, got {n_targets}")
     if subject is None:
         subject = sample_training_subject(rng)
-    ref_ctx, ref_box = _reference_placement(rng, placement)
+    ref_ctx, ref_box = _reference_placement(rng, placement, reference_size)
     distractor: Subject | None = None
     d_ctx: Context | None = None
     d_box: tuple[int, int, int] | None = None
     if track == "distractor":
-        while True:
+        for _ in range(MAX_REDRAWS):
             if distractor_offsets == "grid":
-                options = distractor_contexts(ref_ctx) if placement == "grid" else [
-                    c for c in distractor_contexts(ref_ctx) if not boxes_overlap(ref_box, sprite_box(c))]
+                options = [c for c in distractor_contexts(ref_ctx)
+                           if not boxes_overlap(ref_box, sprite_box(c))
+                           and _in_contact(ref_box, sprite_box(c), distractor_contact)]
                 if options:
                     d_ctx = options[int(rng.integers(len(options)))]
                     d_box = sprite_box(d_ctx)
                     break
             else:
-                found = _distractor_anywhere(rng, ref_box, ref_ctx.background)
+                found = _distractor_anywhere(rng, ref_box, ref_ctx.background, distractor_contact)
                 if found is not None:
                     d_ctx, d_box = found
                     break
-            ref_ctx, ref_box = _reference_placement(rng, placement)  # no room: redraw the reference
+            ref_ctx, ref_box = _reference_placement(rng, placement, reference_size)  # no room: redraw
+        else:
+            raise ValueError(f"no {reference_size or 'any-size'} reference with {placement} placement admits a "
+                             f"{distractor_contact} distractor at {distractor_offsets} offsets")
         distractor = random_subject(rng, exclude_cls=subject.cls)
     sprites = [(subject, ref_box)] + ([] if distractor is None else [(distractor, d_box)])
     reference = render_boxes(ref_ctx.background, sprites)
@@ -516,10 +554,13 @@ def sample_pair(
     layout: str = "random",
     placement: str = "grid",
     distractor_offsets: str = "grid",
+    reference_size: str | None = None,
+    distractor_contact: str | None = None,
 ) -> Pair:
     """One pair; a training subject (id >= 10,000) is drawn when ``subject`` is None."""
     return sample_group(rng, 1, track=track, subject=subject, layout=layout, placement=placement,
-                        distractor_offsets=distractor_offsets)[0]
+                        distractor_offsets=distractor_offsets, reference_size=reference_size,
+                        distractor_contact=distractor_contact)[0]
 
 
 def draw_weighted(rng: np.random.Generator, spec: str | Mapping[str, float]) -> str:
