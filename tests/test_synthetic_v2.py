@@ -275,5 +275,12 @@ def test_source_size_and_touching_shares_shape_the_stream_and_unset_draws_nothin
     mixed = [SyntheticSource(5, track="distractor", distractor_offsets="any", distractor_touching=0.5).get(i)
              .pairs[0].touching for i in range(64)]
     assert 16 < sum(mixed) < 56  # about half touch; untouched draws at any offset almost never do
+    weighted = [SyntheticSource(5, track="distractor", placement="free",
+                                distractor_offsets={"grid": 0.5, "any": 0.5}).get(i).pairs[0] for i in range(32)]
+    on_grid = [p.distractor_context is not None and p.distractor_box == S.sprite_box(p.distractor_context)
+               for p in weighted]
+    assert any(on_grid) and not all(on_grid)  # both offset rules drawn
     with pytest.raises(ValueError, match="data.distractor_touching must be a share"):
         SyntheticSource(5, distractor_touching=2)
+    with pytest.raises(ValueError, match="data.distractor_offsets: unknown distractor offsets"):
+        SyntheticSource(5, distractor_offsets={"grid": 1, "near": 1})

@@ -62,7 +62,7 @@ class SyntheticSource:
         curriculum: Sequence[Mapping[str, Any]] = (),
         items_per_step: int = 1,
         placement: Spec = "grid",
-        distractor_offsets: str = "grid",
+        distractor_offsets: Spec = "grid",
         reference_size: Spec | None = None,
         distractor_touching: float | None = None,
     ) -> None:
@@ -92,7 +92,7 @@ class SyntheticSource:
 
     @staticmethod
     def check_options(track: Spec, layout: Spec, curriculum: Sequence[Mapping[str, Any]], placement: Spec,
-                      distractor_offsets: str, reference_size: Spec | None = None,
+                      distractor_offsets: Spec, reference_size: Spec | None = None,
                       distractor_touching: float | None = None) -> None:
         """ValueError naming the ``data.`` key of the first bad value (the config calls it before loading)."""
         for key, spec, allowed in (("track", track, synthetic.TRAINING_TRACKS), ("layout", layout, synthetic.LAYOUTS),
@@ -140,13 +140,14 @@ class SyntheticSource:
                          origin=f"synthetic item {index}", pairs=list(pairs),
                          second=(load_image(first.references[1]), first.subject_names[1]),
                          subject_masks=[tuple(box_mask(c) for c in p.target_contexts) for p in pairs])
-        # The size and contact options draw only when set, so configs without them keep their item streams.
+        # Weighted offsets, size and contact draw only when set, so configs without them keep their item streams.
+        offsets = synthetic.draw_weighted(rng, self.distractor_offsets)
         size = None if self.reference_size is None else synthetic.draw_weighted(rng, self.reference_size)
         contact = None
         if track == "distractor" and self.distractor_touching is not None:
             contact = "touching" if rng.random() < self.distractor_touching else None
         pairs = synthetic.sample_group(rng, self.targets_per_reference, track=track, layout=layout,
-                                       placement=placement, distractor_offsets=self.distractor_offsets,
+                                       placement=placement, distractor_offsets=offsets,
                                        reference_size=size, distractor_contact=contact)
         return group_from_pairs(pairs, f"synthetic item {index}")
 

@@ -174,7 +174,8 @@ class DataConfig(Section):
     prompts' text embeddings (from the frozen text encoders) and subject-token weights to keep between
     steps, least recently used out first; 0 = encode every step. Worth it where prompts repeat (the
     synthetic domain has a few hundred): tokenising and encoding them was most of a GPU step's time.
-    ``placement`` / ``distractor_offsets``: docs/synthetic.md's version-2 generator (``grid`` is version 1's).
+    ``placement`` / ``distractor_offsets`` (a name or weights): docs/synthetic.md's version-2 generator (``grid``
+    is version 1's).
     ``reference_size`` (a size or ``{small: w, large: w}``) forces the reference subject's size and
     ``distractor_touching`` is the share of distractor references whose distractor touches the subject (the
     rest as drawn); unset = the generator's own draws.
@@ -195,7 +196,7 @@ class DataConfig(Section):
     layout: Named = "random"
     curriculum: list[Any] = Field(default_factory=list)
     placement: Named = "grid"
-    distractor_offsets: Str = "grid"
+    distractor_offsets: Named = "grid"
     reference_size: Named | None = None
     distractor_touching: Fraction | None = None
     # subjects200k
