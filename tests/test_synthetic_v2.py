@@ -255,7 +255,7 @@ def test_apart_contact_keeps_a_gap_and_an_impossible_one_is_an_error():
                               distractor_contact="apart")
         assert S.box_gap(p.reference_box, p.distractor_box) > 0
     # On the grid a large subject leaves room only for distractors that touch it.
-    with pytest.raises(ValueError, match="no large reference with grid placement admits a apart distractor"):
+    with pytest.raises(ValueError, match="no large reference with grid placement leaves room for a distractor apart"):
         S.sample_group(rng, 1, track="distractor", reference_size="large", distractor_contact="apart")
 
 

@@ -515,8 +515,9 @@ def sample_group(
                     break
             ref_ctx, ref_box = _reference_placement(rng, placement, reference_size)  # no room: redraw
         else:
-            raise ValueError(f"no {reference_size or 'any-size'} reference with {placement} placement admits a "
-                             f"{distractor_contact} distractor at {distractor_offsets} offsets")
+            where = "touching it" if distractor_contact == "touching" else "apart from it"
+            raise ValueError(f"no {reference_size or 'any-size'} reference with {placement} placement leaves room "
+                             f"for a distractor {where} at {distractor_offsets} offsets")
         distractor = random_subject(rng, exclude_cls=subject.cls)
     sprites = [(subject, ref_box)] + ([] if distractor is None else [(distractor, d_box)])
     reference = render_boxes(ref_ctx.background, sprites)
