@@ -7,7 +7,7 @@
 # (learning-rate cooldown, ~50 minutes) run anywhere; stage 3 (batch 32, 1,323 steps)
 # took 7.4 minutes on one H100 and would take hours on a laptop CPU: the trainer picks the GPU through
 # accelerate when there is one (accelerate launch -m customshift train ... for several).
-# Then: python scripts/package_default_model.py runs/default/stage6-cooldown
+# Then: python scripts/package_default_model.py runs/default/stage20-contact (the shipped v20; v6 was stage 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAE_MINUTES=${VAE_MINUTES:-30}
@@ -38,3 +38,9 @@ if [ ! -f runs/default/v6/model_index.json ]; then
   python scripts/package_default_model.py runs/default/stage6-cooldown --dest runs/default/v6
 fi
 stage configs/default-model-v7-free.yaml runs/default/stage7-free
+# Stages 8-18 (docs/default-model.md, items 8-18): each config's model.pretrained names its start, the previous stage
+# packaged with scripts/package_default_model.py --dest runs/default/vN or a committed candidates/ folder (each
+# config's header has the command). Stage 18's start, v17, is committed as candidates/v17, so the shipped model's
+# last two stages rerun from here: stage 19 from candidates/v17, stage 20 from candidates/v19 (stage 19 packaged).
+stage configs/default-model-v19-contact.yaml runs/default/stage19-contact
+stage configs/default-model-v20-contact.yaml runs/default/stage20-contact
