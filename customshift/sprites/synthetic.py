@@ -429,11 +429,11 @@ def _reference_placement(rng: np.random.Generator, placement: str,
     return context_of_box(box, _pick(rng, BACKGROUND_NAMES)), box
 
 
-def _in_contact(a: tuple[int, int, int], b: tuple[int, int, int], contact: str | None) -> bool:
-    """Whether non-overlapping boxes meet ``contact`` (None: either)."""
-    if contact is None:
-        return True
-    return boxes_touch(a, b) if contact == "touching" else box_gap(a, b) > 0
+def _admits(subject_box: tuple[int, int, int], box: tuple[int, int, int], contact: str | None) -> bool:
+    """Whether a distractor may sit at ``box``: no pixel shared with the subject, and ``contact`` (None: either)."""
+    if boxes_overlap(subject_box, box):
+        return False
+    return contact is None or (box_gap(subject_box, box) == 0) == (contact == "touching")
 
 
 def _distractor_anywhere(rng: np.random.Generator, subject_box: tuple[int, int, int], background: str,
@@ -446,12 +446,12 @@ def _distractor_anywhere(rng: np.random.Generator, subject_box: tuple[int, int, 
     if contact is None:
         for _ in range(tries):
             box = _random_box(rng, _pick(rng, SIZE_NAMES))
-            if not boxes_overlap(box, subject_box):
+            if _admits(subject_box, box, None):
                 return context_of_box(box, background), box
         return None
     side = GRID * SIZES[_pick(rng, SIZE_NAMES)]
     boxes = [(x, y, side) for y in range(CANVAS - side + 1) for x in range(CANVAS - side + 1)]
-    options = [b for b in boxes if not boxes_overlap(b, subject_box) and _in_contact(b, subject_box, contact)]
+    options = [b for b in boxes if _admits(subject_box, b, contact)]
     if not options:
         return None
     box = options[int(rng.integers(len(options)))]
@@ -502,8 +502,7 @@ def sample_group(
         for _ in range(MAX_REDRAWS):
             if distractor_offsets == "grid":
                 options = [c for c in distractor_contexts(ref_ctx)
-                           if not boxes_overlap(ref_box, sprite_box(c))
-                           and _in_contact(ref_box, sprite_box(c), distractor_contact)]
+                           if _admits(ref_box, sprite_box(c), distractor_contact)]
                 if options:
                     d_ctx = options[int(rng.integers(len(options)))]
                     d_box = sprite_box(d_ctx)
