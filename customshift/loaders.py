@@ -21,6 +21,8 @@ import re
 import stat
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,33 @@ def _base(transformer: Any) -> Any:
     return getattr(transformer, "_orig_mod", transformer)
 
 
+@contextmanager
+def plain_layers(modules: list[Any]) -> Iterator[None]:
+    """Each peft-wrapped layer replaced by its base layer, and put back after.
+
+    Why: ``ModelMixin.save_pretrained`` writes ``state_dict()``, whose names under a LoRA are peft's
+    (``to_q.base_layer.weight``, ``lora_A...``), which ``from_pretrained`` cannot read back. The base layers
+    are the very modules the LoRA wraps (and the reference branch shares), so nothing is copied; the
+    generation LoRA travels in ``customshift/`` and a user's LoRA in its own file, as in diffusers.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    swapped = []
+    for model in modules:
+        for name, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer) and hasattr(layer, "base_layer") and "base_layer" not in name \
+                    and "lora_" not in name:
+                parent, _, child = name.rpartition(".")
+                swapped.append((model.get_submodule(parent), child, layer))
+    try:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer.get_base_layer())
+        yield
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
+
+
 def model_card(pipe: Any) -> str:
     """README.md of a saved pipeline: base model, CustomShift config, how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -312,7 +341,9 @@ class CustomShiftLoaderMixin:
                         **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, plus ``customshift/`` weights, a model card and the pipeline shim."""
         hub = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id") if k in kwargs}
-        super().save_pretrained(save_directory, *args, push_to_hub=False, **kwargs)
+        modules = [_base(c) for c in self.components.values() if isinstance(c, torch.nn.Module)]
+        with plain_layers(modules):
+            super().save_pretrained(save_directory, *args, push_to_hub=False, **kwargs)
         folder = Path(save_directory)
         self.save_customshift(folder / WEIGHTS_SUBFOLDER)
         (folder / "README.md").write_text(model_card(self), encoding="utf-8")

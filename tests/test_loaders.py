@@ -49,6 +49,29 @@ def test_save_pretrained_carries_the_weights_and_from_pretrained_restores_them(t
     assert skipped.weights_fingerprint == TRAINING_FREE
 
 
+def test_save_pretrained_with_a_generation_lora_writes_plain_base_weights(tiny_folder, tmp_path):
+    """A generation LoRA (stage 22's kind) must not leave peft's names in the saved transformer."""
+    pipe = load_tiny(tiny_folder)
+    randomize_adapter(pipe, seed=3, generation_lora_rank=2)
+    pipe.add_generation_lora()
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    pipe.customshift_weights_changed()
+    subject = pipe.encode_subject(random_image(6), "dog")
+    expected = generate(pipe, subject=subject)
+    pipe.save_pretrained(tmp_path / "pipe")
+
+    saved = load_file(str(next((tmp_path / "pipe" / "transformer").glob("*.safetensors"))))
+    assert not any("base_layer" in k or "lora_" in k for k in saved)
+    assert set(saved) == {n.replace(".base_layer", "") for n in pipe.transformer.state_dict() if "lora_" not in n}
+    assert np.array_equal(generate(pipe, subject=subject), expected)  # the LoRA is back in place after saving
+    reloaded = load_tiny(str(tmp_path / "pipe"))
+    assert reloaded.weights_fingerprint == pipe.weights_fingerprint
+    assert np.array_equal(generate(reloaded, subject=subject), expected)
+
+
 def test_a_training_free_pipeline_stays_training_free_through_save_and_load(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     reloaded = load_tiny(str(tmp_path / "pipe"))
