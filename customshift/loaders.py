@@ -178,7 +178,8 @@ def plain_layers(modules: list[Any]) -> Iterator[None]:
     Why: ``ModelMixin.save_pretrained`` writes ``state_dict()``, whose names under a LoRA are peft's
     (``to_q.base_layer.weight``, ``lora_A...``), which ``from_pretrained`` cannot read back. The base layers
     are the very modules the LoRA wraps (and the reference branch shares), so nothing is copied; the
-    generation LoRA travels in ``customshift/`` and a user's LoRA in its own file, as in diffusers.
+    generation LoRA travels in ``customshift/`` and a user's LoRA in its own file, as in diffusers (on a text
+    encoder too, where transformers would otherwise write the adapter alone).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -189,13 +190,19 @@ def plain_layers(modules: list[Any]) -> Iterator[None]:
                     and "lora_" not in name:
                 parent, _, child = name.rpartition(".")
                 swapped.append((model.get_submodule(parent), child, layer))
+    # transformers' save_pretrained writes only the adapter of a model flagged as carrying one
+    flagged = [model for model in modules if getattr(model, "_hf_peft_config_loaded", False)]
     try:
         for parent, child, layer in swapped:
             setattr(parent, child, layer.get_base_layer())
+        for model in flagged:
+            model._hf_peft_config_loaded = False
         yield
     finally:
         for parent, child, layer in swapped:
             setattr(parent, child, layer)
+        for model in flagged:
+            model._hf_peft_config_loaded = True
 
 
 def model_card(pipe: Any) -> str:

@@ -72,6 +72,24 @@ def test_save_pretrained_with_a_generation_lora_writes_plain_base_weights(tiny_f
     assert np.array_equal(generate(reloaded, subject=subject), expected)
 
 
+def test_save_pretrained_with_a_text_encoder_lora_writes_the_whole_encoder(tiny_pipe, tmp_path):
+    """transformers saves only the adapter of an encoder carrying one; the pipeline folder needs the encoder."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    plain = {k: v.clone() for k, v in tiny_pipe.text_encoder.state_dict().items()}
+    # what transformers' load_adapter (diffusers' load_lora_weights on a text encoder) leaves behind
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), tiny_pipe.text_encoder, adapter_name="style")
+    tiny_pipe.text_encoder._hf_peft_config_loaded = True
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+
+    assert tiny_pipe.text_encoder._hf_peft_config_loaded  # still carries its adapter
+    saved = load_file(str(next((tmp_path / "pipe" / "text_encoder").glob("*.safetensors"))))
+    assert not any("lora_" in k or "base_layer" in k for k in saved)
+    reloaded = load_tiny(str(tmp_path / "pipe"))
+    for key, value in reloaded.text_encoder.state_dict().items():
+        assert torch.equal(value, plain[key]), key
+
+
 def test_a_training_free_pipeline_stays_training_free_through_save_and_load(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     reloaded = load_tiny(str(tmp_path / "pipe"))
