@@ -73,16 +73,30 @@ def base_digest(base: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def recipe_digest(args: argparse.Namespace) -> str:
+    """A short digest of the shared training recipe as the trainer resolves it (file, its bases, --set):
+    rows and runs are reused only when it is unchanged. The output folder and the base path are left out."""
+    import hashlib
+
+    from customshift.training.config import load_config
+
+    recipe = load_config(args.config, list(args.overrides)).to_dict()
+    recipe.pop("output_dir", None)
+    recipe["model"].pop("pretrained", None)
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def train_variant(name: str, args: argparse.Namespace) -> Path:
     """Train (or finish, or reuse) one variant; returns its run folder."""
     from customshift.io import atomic_write_text
     from customshift.training.trainer import find_checkpoint
 
     run = Path(args.runs) / slug(name)
-    marker, digest = run / "base.sha256", base_digest(args.base)
+    marker, digest = run / "trained-on.sha256", f"{base_digest(args.base)} recipe {recipe_digest(args)}"
     if find_checkpoint(run) is not None and (not marker.exists() or marker.read_text().strip() != digest):
-        raise SystemExit(f"{run} was trained on another base than {args.base} (or before bases were recorded); "
-                         "pass a new --runs folder, or delete that run to retrain it")
+        raise SystemExit(f"{run} was trained on another base than {args.base} or another recipe than {args.config} "
+                         "with these --set overrides (or before both were recorded); pass a new --runs folder, "
+                         "or delete that run to retrain it")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, digest + "\n")
     overrides = [f"output_dir={run}", f"train.max_steps={args.steps}", f"model.pretrained={args.base}"]
@@ -247,7 +261,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines += ["", "## A new subject: seconds to its first image (same base, same CPU, median of "
                   f"{cost['subjects']} subjects)", "",
                   "| method | seconds | fitting steps | identity |", "|---|---|---|---|"]
-        for method, m in cost["median"].items():
+        # the baseline first, also when read back from summary.json (written with sorted keys)
+        for method, m in sorted(cost["median"].items(), key=lambda item: item[0] == "CustomShift"):
             lines.append(f"| {method} | {m['seconds']:.1f} | {m['steps']:.0f} | {m['identity']:.3f} |")
         lines += ["", f"Per-subject LoRA: rank 4 on the attention, fitted on the single reference with its own "
                   f"caption until the flow loss is {cost['threshold']} (at most {cost['max_steps']} steps)."]
@@ -358,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.base).resolve()
     settings["base"] = str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base)
     settings["base_sha256"] = base_digest(base)  # the same folder may hold another model later
+    settings["recipe_sha256"] = recipe_digest(args)  # and the same recipe file another mix
     results: dict[str, Any] = {"methods": {}, "settings": settings}
     for saved in (partial, summary):  # rows of an earlier run with the same settings are reused
         if saved.exists():

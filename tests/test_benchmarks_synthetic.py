@@ -66,6 +66,12 @@ def test_benchmark_trains_evaluates_and_writes_the_table(tmp_path, monkeypatch):
     assert sorted(p.name for p in (runs / "customshift").glob("ckpt-*")) == ["ckpt-0000002"]
     again = json.loads((out / "summary.json").read_text())
     assert again["methods"] == methods and again["finetune"] == summary["finetune"]
+    # A changed recipe (here one more --set): neither the earlier scores nor the runs trained on it are reused.
+    with pytest.raises(SystemExit, match="another recipe"):
+        bench.main([*args[:cut], "--skip-finetune", *args[cut:], "train.learning_rate=0.5"])
+    rescored = json.loads((out / "partial.json").read_text())["methods"]
+    assert set(rescored) == {"copy the reference", "text only", bench.SHIPPED}  # scored afresh, up to the refusal
+    (out / "partial.json").unlink()
     # The docs page keeps its hand-written analysis: only the generated block is replaced.
     page = tmp_path / "table.md"
     page.write_text("# Title\n\nanalysis written by hand\n\n" + page.read_text().split("\n", 2)[2])
