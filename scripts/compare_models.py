@@ -27,8 +27,8 @@ def standard_error(values: np.ndarray) -> float:
 
 
 def compare(model_a: str, model_b: str, *, n: int, tracks: list[str], steps: int, guidance_scale: float,
-            seed: int, batch_size: int = 8) -> dict:
-    pipes = [load_pipeline(name, None, device="cpu") for name in (model_a, model_b)]  # loaded apart, even if equal
+            seed: int, batch_size: int = 8, device: str = "cpu") -> dict:
+    pipes = [load_pipeline(name, None, device=device) for name in (model_a, model_b)]  # loaded apart, even if equal
     report: dict = {"model_a": model_a, "model_b": model_b, "n": n, "steps": steps,
                     "guidance_scale": guidance_scale, "seed": seed}
     for track in tracks:
@@ -63,10 +63,12 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per call (the same images, faster)")
+    parser.add_argument("--device", default="cpu", help="cpu (the documented numbers) or cuda; both models on it")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     report = compare(args.model_a, args.model_b, n=args.n, tracks=args.track or ["clean", "distractor"],
-                     steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size)
+                     steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+                     device=args.device)
     if args.json:
         atomic_write_json(args.json, report)
 

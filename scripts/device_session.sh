@@ -6,6 +6,8 @@
 #
 # then, through the device tool (carry [".gpu"]; the tool sets $OUT, whose files come back):
 #
+#   bash scripts/device_session.sh v2 8 [KEY=VALUE ...]      # stage 24 (spec version 2, issue 18): train, package, score
+#   DRY_RUN=1 bash scripts/device_session.sh v2 1            # the same steps on this CPU, 2 steps and 2 pairs
 #   bash scripts/device_session.sh train 7 [KEY=VALUE ...]   # stage 5 of the default model for 7 minutes
 #   bash scripts/device_session.sh matrix 300                # the speed matrix (issue 7) within 300 s
 #   bash scripts/device_session.sh both 6 240                # both, training first
@@ -20,6 +22,12 @@
 # the real-size training memory (the training issue's benchmarks/train_real_size.py, one line: the slot below).
 # Results land in $OUT/docs/results/speed/ (copy back with `cp -r FILES/docs .`): issue17-speed-gpu.json,
 # issue17-speed.md (the gpu block of docs/speed.md), offload-memory.json, train-real-size.jsonl, logs.
+#
+# v2: configs/default-model-v24-gpu.yaml for at most MINUTES (1,200 steps), packaged (EMA, fp16) and scored on the
+# GPU: $OUT/v24/eval (every track of `customshift evaluate synthetic`, 64 pairs, guidance 2) and $OUT/v24/compare.json
+# (scripts/compare_models.py against the shipped model on v6's tracks and two subjects, paired), and the package
+# itself as $OUT/v24-package.tar.* (restore with `cat FILES/v24-package.tar.* | tar -x`, which recreates
+# runs/default/v24). Budget: the machine's start, MINUTES of training and about 2 minutes of scoring.
 #
 # What comes back: $OUT/stage5-gpu.tar.* (the run's final/, train_log.csv and config.yaml, in 15 MB parts:
 # restore here with `cat FILES/stage5-gpu.tar.* | tar -x`, which recreates runs/default/stage5-gpu), and
@@ -51,6 +59,28 @@ train() {  # train MINUTES [KEY=VALUE ...]
     tar -cf - "${keep[@]}" | split -b 15M - "$OUT/stage5-gpu.tar."
     [[ -f $RUN/train_log.csv ]] && tail -2 "$RUN/train_log.csv" >&2
     echo "== stage 5: rc=$rc, $(ls "$OUT"/stage5-gpu.tar.* | wc -l) parts in $OUT" >&2
+}
+
+v2() {  # v2 MINUTES [KEY=VALUE ...]: stage 24 on the version-2 distribution, then package and score it
+    local minutes=$1 run=runs/default/stage24-gpu package=runs/default/v24 n=64 device=cuda extra=(); shift
+    if [[ ${DRY_RUN:-0} == 1 ]]; then  # CPU: every step runs, nothing is worth keeping
+        run=/tmp/stage24-dry package=/tmp/v24-dry n=2 device=cpu
+        extra=(train.max_steps=2 data.batch_size=2 data.num_workers=0 checkpoint.every_steps=2 validation.every_steps=0)
+    fi
+    mkdir -p "$OUT/v24"
+    echo "== stage 24 for $minutes min" >&2
+    "$PY" -m customshift train configs/default-model-v24-gpu.yaml --set "train.max_minutes=$minutes" "output_dir=$run" \
+        "${extra[@]}" "$@" 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -30
+    [[ -f $run/train_log.csv ]] && cp "$run/train_log.csv" "$OUT/v24/"
+    "$PY" scripts/package_default_model.py "$run" --dest "$package" \
+        --recipe "configs/default-model-v24-gpu.yaml from the shipped default model (scripts/device_session.sh v2)" \
+        || { echo "stage 24: nothing to package in $run" >&2; return 1; }
+    tar -cf - "$package" | split -b 15M - "$OUT/v24-package.tar."
+    echo "== scoring $package" >&2
+    "$PY" -m customshift evaluate synthetic --model "$package" --n "$n" --guidance-scale 2 --batch-size 16 \
+        --device "$device" --out "$OUT/v24/eval" 2>&1 | tail -12
+    "$PY" scripts/compare_models.py customshift/assets/default-model "$package" --n "$n" --track clean \
+        --track distractor --track two-subject --device "$device" --batch-size 16 --json "$OUT/v24/compare.json"
 }
 
 matrix() {  # matrix SECONDS
@@ -142,12 +172,13 @@ issue17() {  # issue17 SECONDS: each part under its own limit, so a short lease 
 
 case ${1:-} in
     train) shift; train "$@" ;;
+    v2) shift; v2 "$@" ;;
     matrix) matrix "${2:?seconds}" ;;
     both) train "${2:?minutes}"; matrix "${3:?seconds}" ;;
     offload) "$PY" scripts/offload_check.py "$OUT" ;;  # GPU-only (sequential offload fails on CPU for the parent too)
     distributed) distributed ;;  # GPU-only: accelerate's FSDP refuses CPUs, DeepSpeed needs CUDA (docs/training.md)
     realsize) realsize "${2:-300}" ;;
     issue17) issue17 "${2:-570}" ;;
-    *) echo "usage: $0 train MINUTES [KEY=VALUE ...] | matrix SECONDS | both MINUTES SECONDS | offload | distributed" \
+    *) echo "usage: $0 train MINUTES [KEY=VALUE ...] | v2 MINUTES [KEY=VALUE ...] | matrix SECONDS | both MINUTES SECONDS | offload | distributed" \
             "| realsize SECONDS_PER_RUN | issue17 [SECONDS]" >&2; exit 2 ;;
 esac
