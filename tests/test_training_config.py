@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "tiny-smoke.yaml"
 FIXTURES = Path(__file__).parent / "fixtures"
 # keys added since the snapshot
-NEW_DEFAULTS = {"train": {"report_to": "auto", "detect_anomaly": False, "routing_loss_weight": 0.0},
+NEW_DEFAULTS = {"train": {"report_to": "auto", "detect_anomaly": False, "routing_loss_weight": 0.0,
+                          "subject_reference_dropout": 0.0},
                 "data": {"reference_size": None, "distractor_touching": None}}
 
 

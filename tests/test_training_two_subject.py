@@ -53,6 +53,30 @@ def test_two_subject_groups_carry_both_references_and_prompts(tiny_pipe, tmp_pat
     assert torch.all(batch["second_weights"][~expected_off].sum(-1) > 0)
 
 
+def test_subject_reference_dropout_keeps_exactly_one_reference_of_some_two_subject_targets(tiny_pipe, tmp_path):
+    track = 'data.track={"clean": 0.5, "two_subject": 0.5}'
+    kept = make_trainer(tiny_pipe, tmp_path, track)
+    groups = [kept.loader.source.get(i) for i in range(16)]
+    two = torch.tensor([g.second is not None for g in groups for _ in g.targets])
+    # off by default: the draws (and so every earlier recipe's stream) are as before
+    plain = kept.prepare_batch(groups, torch.Generator().manual_seed(0))
+    assert not torch.isneginf(plain["log_scale"]).any() and torch.equal(torch.isneginf(plain["second_log_scale"]), ~two)
+
+    trainer = make_trainer(tiny_pipe, tmp_path, track, "train.subject_reference_dropout=1")
+    batch = trainer.prepare_batch(groups, torch.Generator().manual_seed(0))
+    first_off, second_off = torch.isneginf(batch["log_scale"]).cpu(), torch.isneginf(batch["second_log_scale"]).cpu()
+    assert not first_off[~two].any()  # one-subject targets keep their reference
+    assert torch.equal((first_off ^ second_off)[two], torch.ones(int(two.sum()), dtype=torch.bool))
+    assert first_off[two].any() and second_off[two].any()  # either one, not always the same
+    # the routing loss skips rows without both references; the step still trains
+    assert math.isfinite(trainer.train_step([groups[:4]])["loss"])
+
+    # with the whole reference dropped, nothing is switched back on
+    both = make_trainer(tiny_pipe, tmp_path, track, "train.subject_reference_dropout=1", "train.reference_dropout=1")
+    batch = both.prepare_batch(groups, torch.Generator().manual_seed(0))
+    assert torch.isneginf(batch["log_scale"]).all() and torch.isneginf(batch["second_log_scale"]).all()
+
+
 def test_the_second_reference_set_is_read_and_trained(tiny_pipe, tmp_path):
     trainer = make_trainer(tiny_pipe, tmp_path, "data.track=two_subject", "model.customshift.beta_init=3.0")
     groups = [trainer.loader.source.get(i) for i in range(2)]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..images import prepare_reference
 from .config import TrainingConfig
-from .objective import SigmaSampler, condition_dropout, foreground_weights
+from .objective import SigmaSampler, condition_dropout, foreground_weights, one_reference_dropout
 
 logger = logging.getLogger("customshift.training.batches")
 
@@ -93,9 +93,15 @@ class BatchBuilder:
             batch["subject_mask"] = None if bool(mask.all()) else mask
             batch["reference_index"] = torch.tensor(reference_index, device=device)
             batch["subject_weights"] = self._subject_weights(texts, subjects, embeds.shape[1])
-            batch["log_scale"] = torch.where(drop_reference, -math.inf, 0.0).to(device)
+            drop_first = drop_second = torch.zeros(n, dtype=torch.bool)
+            if seconds and t.subject_reference_dropout > 0:
+                drop_first, drop_second = one_reference_dropout(
+                    torch.tensor([groups[i].second is not None for i in reference_index]) & ~drop_reference,
+                    t.subject_reference_dropout, g)
+            batch["log_scale"] = torch.where(drop_reference | drop_first, -math.inf, 0.0).to(device)
             if seconds:
-                batch |= self._second_subject(groups, seconds, reference_index, texts, drop_reference, embeds.shape[1])
+                batch |= self._second_subject(groups, seconds, reference_index, texts, drop_reference | drop_second,
+                                              embeds.shape[1])
                 if t.routing_loss_weight > 0 and any(groups[i].subject_masks for i in seconds):
                     batch["route_masks"] = self._route_masks(groups, batch["target_latents"].shape[-2:])
         batch["sigmas"] = self.sigmas(n, g).to(device)

@@ -227,7 +227,9 @@ class TrainConfig(Section):
     ``logit_normal`` with ``logit_mean``/``logit_std`` (a positive mean puts the signal at high noise, where
     identity is decided: docs/default-model.md), on the scheduler's shifted sigma table
     (``scheduler_shift`` overrides the model's shift). Condition dropout is per target:
-    ``prompt_dropout`` (prompt only), ``reference_dropout`` (reference only), ``both_dropout``.
+    ``prompt_dropout`` (prompt only), ``reference_dropout`` (reference only), ``both_dropout``;
+    ``subject_reference_dropout``: of the two-subject targets that keep their references, the share that keeps
+    only one of the two (either, evenly), so a prompt naming two subjects with one reference is trained too.
     ``foreground_loss_weight`` weighs the loss on latent pixels whose image pixels differ from the
     target's border colour (the subject, on uniform-background data such as the synthetic domain,
     where the sprite is a small share of the loss); 1 = the plain loss.
@@ -263,6 +265,7 @@ class TrainConfig(Section):
     prompt_dropout: Fraction = 0.10
     reference_dropout: Fraction = 0.10
     both_dropout: Fraction = 0.05
+    subject_reference_dropout: Fraction = 0.0
     foreground_loss_weight: Annotated[float, BeforeValidator(_number), Field(gt=0, allow_inf_nan=False)] = 1.0
     routing_loss_weight: Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)] = 0.0
     max_minutes: Annotated[float, BeforeValidator(_number), Field(ge=0, allow_inf_nan=False)] = 0.0

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from ..attention import ReferenceSet, build_cads_state
 from .config import TrainConfig
 
-__all__ = ["Objective", "SigmaSampler", "condition_dropout", "foreground_weights", "routing_loss"]
+__all__ = ["Objective", "SigmaSampler", "condition_dropout", "foreground_weights", "one_reference_dropout",
+           "routing_loss"]
 
 # Max-channel difference from the border colour that makes a pixel foreground: the sprite metric's threshold
 # (FAR_THRESHOLD in customshift/sprites/synthetic.py), which separates every sprite colour from every background.
@@ -147,6 +148,19 @@ def condition_dropout(n: int, t: TrainConfig, generator: torch.Generator) -> tup
     reference_only = (u >= t.both_dropout + t.prompt_dropout) & (
         u < t.both_dropout + t.prompt_dropout + t.reference_dropout)
     return both | prompt_only, both | reference_only
+
+
+def one_reference_dropout(eligible: Tensor, rate: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per target: (drop the first subject's reference, drop the second's) for two-subject targets.
+
+    Of the ``eligible`` targets (two subjects, both references kept), a share ``rate`` keeps one of the two,
+    either evenly: the other subject is then drawn from its words alone, which a user's prompt naming a second
+    object without a reference asks for (docs/default-model.md, "Where the two-subject identity goes").
+    """
+    n = eligible.shape[0]
+    single = eligible & (torch.rand(n, generator=generator) < rate)
+    first = torch.rand(n, generator=generator) < 0.5
+    return single & first, single & ~first
 
 
 def foreground_weights(images: Sequence[Any], resolution: int, size: tuple[int, int], weight: float) -> Tensor:
