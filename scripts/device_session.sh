@@ -65,7 +65,7 @@ v2() {  # v2 MINUTES [KEY=VALUE ...]: stage 24 on the version-2 distribution, th
     local minutes=$1 run=runs/default/stage24-gpu package=runs/default/v24 n=64 device=cuda extra=(); shift
     if [[ ${DRY_RUN:-0} == 1 ]]; then  # CPU: every step runs, nothing is worth keeping
         run=/tmp/stage24-dry package=/tmp/v24-dry n=2 device=cpu
-        extra=(train.max_steps=2 data.batch_size=2 data.num_workers=0 checkpoint.every_steps=2 validation.every_steps=0)
+        extra=(train.max_steps=2 data.batch_size=2 data.num_workers=0 checkpoint.every_steps=2)
     fi
     mkdir -p "$OUT/v24"
     echo "== stage 24 for $minutes min" >&2

@@ -15,10 +15,10 @@ Same pairs, same seeds for every row, so the differences are paired (mean and st
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
+from compare_models import standard_error  # scripts/compare_models.py, beside this script
 
 from customshift.generate import load_pipeline
 from customshift.io import atomic_write_json
@@ -37,8 +37,7 @@ def alone(pair: synthetic.TwoSubjectPair) -> synthetic.Pair:
 
 
 def summarise(values: np.ndarray) -> dict[str, float]:
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return {"mean": float(values.mean()), "se": se}
+    return {"mean": float(values.mean()), "se": standard_error(values)}
 
 
 def measure(model: str, *, n: int, track: str, steps: int, guidance_scale: float, batch_size: int,

@@ -93,15 +93,15 @@ class BatchBuilder:
             batch["subject_mask"] = None if bool(mask.all()) else mask
             batch["reference_index"] = torch.tensor(reference_index, device=device)
             batch["subject_weights"] = self._subject_weights(texts, subjects, embeds.shape[1])
+            has_second = torch.tensor([groups[i].second is not None for i in reference_index])
             drop_first = drop_second = torch.zeros(n, dtype=torch.bool)
             if seconds and t.subject_reference_dropout > 0:
-                drop_first, drop_second = one_reference_dropout(
-                    torch.tensor([groups[i].second is not None for i in reference_index]) & ~drop_reference,
-                    t.subject_reference_dropout, g)
+                drop_first, drop_second = one_reference_dropout(has_second & ~drop_reference,
+                                                                 t.subject_reference_dropout, g)
             batch["log_scale"] = torch.where(drop_reference | drop_first, -math.inf, 0.0).to(device)
             if seconds:
-                batch |= self._second_subject(groups, seconds, reference_index, texts, drop_reference | drop_second,
-                                              embeds.shape[1])
+                batch |= self._second_subject(groups, seconds, reference_index, texts, has_second,
+                                              drop_reference | drop_second, embeds.shape[1])
                 if t.routing_loss_weight > 0 and any(groups[i].subject_masks for i in seconds):
                     batch["route_masks"] = self._route_masks(groups, batch["target_latents"].shape[-2:])
         batch["sigmas"] = self.sigmas(n, g).to(device)
@@ -152,12 +152,12 @@ class BatchBuilder:
         return torch.stack([e for e, _ in rows]), torch.stack([p for _, p in rows])
 
     def _second_subject(self, groups: Sequence[Any], seconds: list[int], reference_index: list[int],
-                        texts: Sequence[str], drop_reference: Tensor, length: int) -> dict[str, Tensor]:
+                        texts: Sequence[str], has_second: Tensor, drop_reference: Tensor,
+                        length: int) -> dict[str, Tensor]:
         """The second reference set of CADS: per target the index of its group's second reference (targets of
         one-subject groups point at their own reference and are switched off with log_scale -inf), and the
         weights of the second subject's name in each prompt (its own m_i)."""
         slot = {g: len(groups) + k for k, g in enumerate(seconds)}
-        has_second = torch.tensor([g in slot for g in reference_index])
         index = [slot.get(g, g) for g in reference_index]
         rows = [j for j, g in enumerate(reference_index) if g in slot]
         weights = torch.zeros(len(texts), length, device=self.device)
