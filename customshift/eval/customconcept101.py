@@ -20,22 +20,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from customshift.errors import CustomShiftError, ManifestError
 from customshift.eval.harness import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_REFERENCE_GUIDANCE_SCALE,
-    DEFAULT_SHIFT_SCALE,
-    DEFAULT_STEPS,
+    BenchmarkOptions,
     BenchmarkSubject,
-    GenerationSettings,
     check_prompt_count,
     list_images,
     parse_subject_list,
-    run_benchmark,
+    run_dataset_benchmark,
 )
-from customshift.eval.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 MODIFIER_TOKEN = "<new1>"
 _PHOTO_PREFIX = re.compile(r"^\s*(a\s+)?photo\s+of\s+(an?\s+|the\s+)?", re.IGNORECASE)
@@ -163,32 +161,9 @@ def run_customconcept101(
     weights: str | None = None,
     *,
     dataset_json: str | Path | None = None,
-    images_per_prompt: int = 4,
-    reference_policy: str = "first",
     subjects: str | Sequence[str] | None = None,
     prompts: int | None = None,
-    steps: int = DEFAULT_STEPS,
-    height: int | None = None,
-    width: int | None = None,
-    seed: int = 0,
-    shift_scale: float = DEFAULT_SHIFT_SCALE,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    reference_guidance_scale: float = DEFAULT_REFERENCE_GUIDANCE_SCALE,
-    dtype: str = "auto",
-    dino_model: str = DEFAULT_DINO_MODEL,
-    clip_model: str = DEFAULT_CLIP_MODEL,
-    overwrite: bool = False,
-    device: str | None = None,
-    plan_only: bool = False,
-    skip_metrics: bool = False,
-    method_name: str = "CustomShift",
-    grids: bool = True,
-    show_progress: bool = True,
-    generator: Any = None,
-    pipeline: Any = None,
-    process_index: int | None = None,
-    num_processes: int | None = None,
-    batch_size: int = 1,
+    **options: Unpack[BenchmarkOptions],
 ) -> dict[str, Any] | None:
     """Run the CustomConcept101 single-concept protocol into ``out_dir`` (see :func:`run_dreambench`).
 
@@ -197,15 +172,5 @@ def run_customconcept101(
     (2.5 x max(cos, 0)), the number the benchmark's own evaluate.py prints.
     """
     chosen = load_customconcept101(data_dir, dataset_json=dataset_json, subjects=subjects, prompts=prompts)
-    settings = GenerationSettings(model=str(model) if model else None, weights=str(weights) if weights else None,
-                                  steps=steps, height=height, width=width, seed=seed, shift_scale=shift_scale,
-                                  guidance_scale=guidance_scale,
-                                  reference_guidance_scale=reference_guidance_scale, dtype=dtype)
-    return run_benchmark(
-        benchmark="customconcept101", benchmark_title="CustomConcept101", subjects=chosen, out_dir=out_dir,
-        settings=settings, images_per_prompt=images_per_prompt, reference_policy=reference_policy,
-        dino_model=dino_model, clip_model=clip_model, overwrite=overwrite, device=device, plan_only=plan_only,
-        skip_metrics=skip_metrics, method_name=method_name, grids=grids, generator=generator, pipeline=pipeline,
-        process_index=process_index, num_processes=num_processes, show_progress=show_progress, batch_size=batch_size,
-        extra={"data": str(Path(data_dir).resolve())},
-    )
+    return run_dataset_benchmark("customconcept101", "CustomConcept101", chosen, data_dir, out_dir, model, weights,
+                                 **options)

@@ -22,9 +22,9 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import torch
 from PIL import Image
@@ -41,6 +41,9 @@ from customshift.eval.metrics import (
     score_embeddings,
 )
 from customshift.images import load_image
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -519,7 +522,8 @@ def write_manifest(path: Path, items: Sequence[WorkItem]) -> None:
 
 
 def run_benchmark(*, benchmark: str, benchmark_title: str, subjects: Sequence[BenchmarkSubject],
-                  out_dir: str | Path, settings: GenerationSettings, images_per_prompt: int, reference_policy: str,
+                  out_dir: str | Path, settings: GenerationSettings, images_per_prompt: int = 4,
+                  reference_policy: str = "first",
                   dino_model: str = DEFAULT_DINO_MODEL, clip_model: str = DEFAULT_CLIP_MODEL,
                   overwrite: bool = False, device: str | None = None, plan_only: bool = False,
                   skip_metrics: bool = False, method_name: str = "CustomShift", grids: bool = True,
@@ -591,3 +595,46 @@ def run_benchmark(*, benchmark: str, benchmark_title: str, subjects: Sequence[Be
     return score_and_report(records, suite, out_dir, benchmark=benchmark, benchmark_title=benchmark_title,
                             method=method_name, generation=gen_info, extra=extra, grids=grids,
                             show_progress=show_progress)
+
+
+class BenchmarkOptions(TypedDict, total=False):
+    """The keywords a benchmark runner takes beyond its dataset: :class:`GenerationSettings`' fields (less
+    ``model``/``weights``) and :func:`run_benchmark`'s own, with their defaults."""
+
+    images_per_prompt: int
+    reference_policy: str
+    steps: int
+    height: int | None
+    width: int | None
+    seed: int
+    shift_scale: float
+    guidance_scale: float
+    reference_guidance_scale: float
+    dtype: str
+    dino_model: str
+    clip_model: str
+    overwrite: bool
+    device: str | None
+    plan_only: bool
+    skip_metrics: bool
+    method_name: str
+    grids: bool
+    show_progress: bool
+    generator: Any
+    pipeline: Any
+    process_index: int | None
+    num_processes: int | None
+    batch_size: int
+
+
+def run_dataset_benchmark(benchmark: str, benchmark_title: str, subjects: Sequence[BenchmarkSubject],
+                          data_dir: str | Path, out_dir: str | Path, model: str | None, weights: str | None,
+                          **options: Unpack[BenchmarkOptions]) -> dict[str, Any] | None:
+    """:func:`run_benchmark` on subjects loaded from ``data_dir``, the options split into the settings
+    that shape the images and the run's own."""
+    shaping = {f.name for f in fields(GenerationSettings)}
+    settings = GenerationSettings(model=str(model) if model else None, weights=str(weights) if weights else None,
+                                  **{k: v for k, v in options.items() if k in shaping})
+    rest = {k: v for k, v in options.items() if k not in shaping}
+    return run_benchmark(benchmark=benchmark, benchmark_title=benchmark_title, subjects=subjects,
+                         out_dir=out_dir, settings=settings, extra={"data": str(Path(data_dir).resolve())}, **rest)
