@@ -620,7 +620,7 @@ class BenchmarkOptions(TypedDict, total=False):
     method_name: str
     grids: bool
     show_progress: bool
-    generator: Any
+    generator: SubjectGenerator | None
     pipeline: Any
     process_index: int | None
     num_processes: int | None
