@@ -7,7 +7,8 @@
 # (learning-rate cooldown, ~50 minutes) run anywhere; stage 3 (batch 32, 1,323 steps)
 # took 7.4 minutes on one H100 and would take hours on a laptop CPU: the trainer picks the GPU through
 # accelerate when there is one (accelerate launch -m customshift train ... for several).
-# Then: python scripts/package_default_model.py runs/default/stage20-contact (the shipped v20; v6 was stage 6).
+# Then: python scripts/package_default_model.py runs/default/stage26-cooldown (the shipped v26; v20 was stage 20,
+# v6 stage 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAE_MINUTES=${VAE_MINUTES:-30}
@@ -44,3 +45,9 @@ stage configs/default-model-v7-free.yaml runs/default/stage7-free
 # last two stages rerun from here: stage 19 from candidates/v17, stage 20 from candidates/v19 (stage 19 packaged).
 stage configs/default-model-v19-contact.yaml runs/default/stage19-contact
 stage configs/default-model-v20-contact.yaml runs/default/stage20-contact
+# Stage 23 starts from stage 20 packaged (= v20 as shipped); stage 26 from stage 23 packaged, committed as candidates/v23.
+if [ ! -f runs/default/v20/model_index.json ]; then
+  python scripts/package_default_model.py runs/default/stage20-contact --dest runs/default/v20
+fi
+stage configs/default-model-v23-two.yaml runs/default/stage23-two
+stage configs/default-model-v26-cooldown.yaml runs/default/stage26-cooldown
