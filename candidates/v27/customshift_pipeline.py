@@ -1,0 +1,2 @@
+"""Lets DiffusionPipeline.from_pretrained find CustomShiftPipeline (the custom_pipeline route)."""
+from customshift.pipeline import CustomShiftPipeline  # noqa: F401
