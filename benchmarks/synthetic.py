@@ -36,11 +36,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "CustomShift": {},
     # Reference tokens joined to joint attention as extra keys: no branch LoRA, no subject tokens, no shift.
     "naive concatenation": {"lora_rank": 0, "subject_tokens_in_reference": False, "conditional_shift": False,
-                            "learn_shift": False, "beta_init": 0.0, "cads_shift": "logit"},
+                            "learn_shift": False, "beta_init": 0.0, "cads_shift": "logit",
+                            "subject_competition": False},
     "no subject tokens in the branch": {"subject_tokens_in_reference": False},
     "unconditional shift": {"conditional_shift": False},
     "no shift parameters": {"learn_shift": False},
     "logit shift (no mass constraint)": {"cads_shift": "logit"},
+    # Several subjects: each name's shift no longer competes for the query (docs/method.md, "Several subjects").
+    "no subject competition": {"subject_competition": False},
 }
 # The base's own CustomShift weights (when its folder has customshift/), scored as they are: the full recipe
 # that made the shipped default model, far more than the fixed budget of the trained rows.
