@@ -51,3 +51,9 @@ if [ ! -f runs/default/v20/model_index.json ]; then
 fi
 stage configs/default-model-v23-two.yaml runs/default/stage23-two
 stage configs/default-model-v26-cooldown.yaml runs/default/stage26-cooldown
+# Stage 27 starts from stage 26 packaged (= v26 as shipped); stage 28 from stage 27 packaged, committed as candidates/v27.
+if [ ! -f runs/default/v26/model_index.json ]; then
+  python scripts/package_default_model.py runs/default/stage26-cooldown --dest runs/default/v26
+fi
+stage configs/default-model-v27-two.yaml runs/default/stage27-two
+stage configs/default-model-v28-cooldown.yaml runs/default/stage28-cooldown
