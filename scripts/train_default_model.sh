@@ -7,8 +7,8 @@
 # (learning-rate cooldown, ~50 minutes) run anywhere; stage 3 (batch 32, 1,323 steps)
 # took 7.4 minutes on one H100 and would take hours on a laptop CPU: the trainer picks the GPU through
 # accelerate when there is one (accelerate launch -m customshift train ... for several).
-# Then: python scripts/package_default_model.py runs/default/stage26-cooldown (the shipped v26; v20 was stage 20,
-# v6 stage 6).
+# Then: python scripts/package_default_model.py runs/default/stage28-cooldown (the shipped v28; v26 was stage 26,
+# v20 stage 20, v6 stage 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VAE_MINUTES=${VAE_MINUTES:-30}
